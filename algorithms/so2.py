@@ -252,7 +252,6 @@ def make_env(task: Task, extend_steps: int = 0) -> gym.Env:
 
 # >>> shared: data
 D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl"
-TRANSITION_KEYS = ("observations", "actions", "rewards", "next_observations", "terminated", "truncated")
 
 
 def d4rl_url(family: str, dataset: str) -> str:
@@ -419,6 +418,9 @@ def moments(x: np.ndarray, eps: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
 
 
 # >>> shared: replay_buffer
+TRANSITION_KEYS = ("observations", "actions", "rewards", "next_observations", "terminated", "truncated")
+
+
 class ReplayBuffer:
     """Transitions as one preallocated [capacity, width] float tensor on the run's device: a ring buffer.
 
@@ -474,7 +476,7 @@ class ReplayBuffer:
         m = min(self.n_added, self.capacity)
         idx = (self.start_ptr + torch.arange(self.n_added - m, self.n_added, device=self.device)) % self.capacity
         rows = self.storage[idx].cpu().numpy()
-        return {k: rows[:, s] for k, s in self.slices.items()}
+        return {k: rows[:, s].squeeze(-1) if s.stop - s.start == 1 else rows[:, s] for k, s in self.slices.items()}
 
     def state_dict(self) -> dict[str, Any]:
         m = min(self.n_added, self.capacity)
