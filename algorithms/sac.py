@@ -684,9 +684,15 @@ def load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
 
 
 def new_run_dir(output_dir: str, algo: str, env_id: str, seed: int) -> Path:
-    run_dir = Path(output_dir) / f"{algo}__{env_id.replace('/', '_')}__{seed}__{int(time.time())}"
-    run_dir.mkdir(parents=True, exist_ok=False)
-    return run_dir
+    name = f"{algo}__{env_id.replace('/', '_')}__{seed}__{int(time.time())}"
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    for suffix in ("", *(f"-{i}" for i in range(1, 100))):  # two runs started in the same second
+        try:
+            (Path(output_dir) / (name + suffix)).mkdir()
+            return Path(output_dir) / (name + suffix)
+        except FileExistsError:
+            continue
+    raise RunError(f"could not make a new run directory {name} in {output_dir}")
 
 
 def resumed_args(cls: type, run_dir: Path) -> Any:
@@ -763,9 +769,9 @@ def train(args: Args, agent: Agent, buffer: ReplayBuffer, update_critic: Callabl
 
 
 def main(args: Args) -> Path:
-    if args.resume:
-        run_dir = Path(args.resume)
-        args = resumed_args(Args, run_dir)
+    resume_dir = Path(args.resume) if args.resume else None
+    if resume_dir:
+        args = resumed_args(Args, resume_dir)
     if args.save_policy_every % args.eval_every:
         raise RunError("--save-policy-every must be a multiple of --eval-every, so that every snapshot is evaluated")
     task = resolve_task(args.env_id, args.data, allow_gym_id=True)
@@ -786,8 +792,8 @@ def main(args: Args) -> Path:
     update_critic, update_actor, optims = make_update_fns(agent, args, target_entropy=-float(act_dim))
 
     ckpt = None
-    if args.resume:
-        ckpt = load_checkpoint(run_dir / "checkpoint.pt", device)
+    if resume_dir:
+        run_dir, ckpt = resume_dir, load_checkpoint(resume_dir / "checkpoint.pt", device)
         if ckpt["phase"] == "done":
             print(f"{run_dir} has already finished")
             return run_dir

@@ -970,9 +970,15 @@ def load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
 
 
 def new_run_dir(output_dir: str, algo: str, env_id: str, seed: int) -> Path:
-    run_dir = Path(output_dir) / f"{algo}__{env_id.replace('/', '_')}__{seed}__{int(time.time())}"
-    run_dir.mkdir(parents=True, exist_ok=False)
-    return run_dir
+    name = f"{algo}__{env_id.replace('/', '_')}__{seed}__{int(time.time())}"
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    for suffix in ("", *(f"-{i}" for i in range(1, 100))):  # two runs started in the same second
+        try:
+            (Path(output_dir) / (name + suffix)).mkdir()
+            return Path(output_dir) / (name + suffix)
+        except FileExistsError:
+            continue
+    raise RunError(f"could not make a new run directory {name} in {output_dir}")
 
 
 def resumed_args(cls: type, run_dir: Path) -> Any:
@@ -1063,9 +1069,9 @@ def train_online(args: Args, agent: Agent, buffers: dict[str, ReplayBuffer], upd
 
 
 def main(args: Args) -> Path:
-    if args.resume:
-        run_dir = Path(args.resume)
-        args = resumed_args(Args, run_dir)
+    resume_dir = Path(args.resume) if args.resume else None
+    if resume_dir:
+        args = resumed_args(Args, resume_dir)
     if args.utd_ratio % args.actor_updates_per_step:
         raise RunError("--utd-ratio must be a multiple of --actor-updates-per-step")
     task = resolve_task(args.env_id, args.data, args.dataset)
@@ -1091,8 +1097,8 @@ def main(args: Args) -> Path:
     agent.critic_target.load_state_dict(critic.state_dict())
     n_data = len(data["rewards"])
 
-    if args.resume:
-        ckpt = load_checkpoint(run_dir / "checkpoint.pt", device)
+    if resume_dir:
+        run_dir, ckpt = resume_dir, load_checkpoint(resume_dir / "checkpoint.pt", device)
         set_rng_state(ckpt["rng"]) if "rng" in ckpt else None
     else:
         ckpt = None
