@@ -175,15 +175,18 @@ def test_d4rl_download_cache_and_transitions(so2, served, d4rl_cache, monkeypatc
 def test_d4rl_file_given_as_dataset(so2, tmp_path, monkeypatch):
     monkeypatch.setattr(so2, "D4RL_URL", CLOSED_URL)
     path = tmp_path / "my data" / "hopper.hdf5"
-    raw = write_d4rl_file(path, episodes=((30, "terminal"), (40, "timeout"), (30, "timeout")))
+    # a terminal step right before a one-step time-out episode, and a file that ends on a time-out
+    raw = write_d4rl_file(path, episodes=((30, "terminal"), (1, "timeout"), (39, "timeout"), (30, "timeout")))
     task = so2.resolve_task("hopper-medium", None, dataset=str(path))
     data, info = so2.load_dataset(task, str(path))
     assert info == {"dataset": str(path), "dataset_path": str(path), "dataset_sha256": sha_of(path)}
-    # the file ends on a time-out: steps 69 and 99 dropped, step 98 (next = 99, a time-out) truncated
+    # steps 30, 69 and 99 dropped; step 98 (next = 99, a time-out) truncated; step 29 terminated, not truncated
     expected = qlearning_reference(raw)
-    assert len(expected["rewards"]) == 98
+    assert len(expected["rewards"]) == 97
     assert_transitions(data, expected)
-    assert data["truncated"][-1, 0] == 1 and data["terminated"][29, 0] == 1
+    assert data["truncated"][-1, 0] == 1
+    assert data["terminated"][29, 0] == 1 and data["truncated"][29, 0] == 0
+    np.testing.assert_array_equal(data["observations"][30], raw["observations"][31])
 
 
 def test_d4rl_file_without_timeouts(so2, tmp_path):
@@ -308,7 +311,24 @@ def _random_file(path: Path) -> None:
     path.write_bytes(np.random.default_rng(1).bytes(5000))
 
 
-@pytest.mark.parametrize("spoil", [_truncated_file, _random_file], ids=["truncated", "random-bytes"])
+def _corrupt_chunk_file(path: Path) -> None:
+    """A file that opens, whose gzip-compressed `rewards` chunk is zeroed: reading it fails with OSError."""
+    import h5py
+
+    raw = make_d4rl_arrays()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        for key, value in raw.items():
+            f.create_dataset(key, data=value, **({"compression": "gzip"} if key == "rewards" else {}))
+    with h5py.File(path, "r") as f:
+        chunk = f["rewards"].id.get_chunk_info(0)
+    data = bytearray(path.read_bytes())
+    data[chunk.byte_offset: chunk.byte_offset + chunk.size] = bytes(chunk.size)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("spoil", [_truncated_file, _random_file, _corrupt_chunk_file],
+                         ids=["truncated", "random-bytes", "corrupt-chunk"])
 def test_corrupt_cached_file_is_reported_and_kept(so2, d4rl_cache, monkeypatch, spoil):
     monkeypatch.setattr(so2, "D4RL_URL", CLOSED_URL)  # a download attempt would fail with another message
     path = d4rl_cache / HOPPER_FILE
@@ -487,4 +507,15 @@ def test_cli_corrupt_dataset(tmp_path):
     assert "error:" in r.stderr and str(path) in r.stderr
     assert "Traceback" not in r.stderr + r.stdout
     assert path.read_bytes() == before
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_cli_dataset_of_another_environment(tmp_path):
+    path = tmp_path / "walker.hdf5"
+    write_d4rl_file(path, obs_dim=17, act_dim=6)
+    r = run_cli(["--env-id", "hopper-medium", "--dataset", str(path), "--output-dir", str(tmp_path / "runs")],
+                tmp_path)
+    assert r.returncode != 0
+    assert "error:" in r.stderr and str(path) in r.stderr and "17" in r.stderr and "11" in r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
