@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import http.client
 import json
 import math
 import os
@@ -277,7 +278,7 @@ def download(url: str, path: Path) -> Path:
                     bar.update(len(chunk))
         if total is not None and part.stat().st_size != total:
             raise OSError(f"got {part.stat().st_size} of {total} bytes")
-    except (urllib.error.URLError, OSError, ValueError) as e:
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
         raise RunError(
             f"could not download {url} ({e}).\nThe file is expected at {path} (set $D4RL_DATASET_DIR to use "
             f"another folder); put it there by hand, or train on data that needs no download: --data rebuilt "
@@ -324,7 +325,7 @@ def load_d4rl_file(path: Path) -> dict[str, np.ndarray]:
     timeouts = raw["timeouts"].astype(bool)
     keep = np.flatnonzero(~timeouts[:-1])
     terminated = raw["terminals"][keep].astype(bool)
-    next_is_gone = np.append(timeouts[1:], True)[keep]  # step i + 1 is a time-out or past the end
+    next_is_gone = np.append(timeouts[1:-1], True)[keep]  # step i + 1 is a time-out or the dropped last step
     return {
         "observations": raw["observations"][keep],
         "actions": raw["actions"][keep],
@@ -366,6 +367,8 @@ def load_dataset(task: Task, dataset: str | None) -> tuple[dict[str, np.ndarray]
     if dataset is not None and Path(dataset).expanduser().is_file():
         path = Path(dataset).expanduser()
         data, ident = load_d4rl_file(path), str(path)
+    elif dataset is not None and dataset.endswith((".hdf5", ".h5")):
+        raise RunError(f"--dataset {dataset}: no such file (give a D4RL-layout HDF5 file or a Minari dataset id)")
     elif dataset is not None:
         data, path = load_minari(dataset, download_missing=True)
         ident = dataset

@@ -127,7 +127,8 @@ def write_d4rl_file(path: Path, arrays: dict[str, np.ndarray] | None = None, **k
 
 def qlearning_reference(raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """d4rl.qlearning_dataset (terminate_on_end=False) written as a plain loop, plus `truncated`:
-    True at a kept step whose next raw step is a time-out (or past the end) and that did not terminate."""
+    True at a kept step whose next raw step is a time-out or the file's last step (which qlearning_dataset drops),
+    and that did not terminate."""
     n = len(raw["observations"])
     timeouts = raw.get("timeouts", np.zeros(n, dtype=bool))
     out = {k: [] for k in ("observations", "actions", "rewards", "next_observations", "terminated", "truncated")}
@@ -140,7 +141,7 @@ def qlearning_reference(raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out["rewards"].append(raw["rewards"][i])
         out["next_observations"].append(raw["observations"][i + 1])
         out["terminated"].append(term)
-        out["truncated"].append((i + 1 >= n or bool(timeouts[i + 1])) and not term)
+        out["truncated"].append((i + 1 >= n - 1 or bool(timeouts[i + 1])) and not term)
     return {k: np.asarray(v) for k, v in out.items()}
 
 

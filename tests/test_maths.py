@@ -19,6 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_algo(name):
+    """Import algorithms/<name>.py as `algo_<name>`, sharing the module other test files already loaded."""
+    if f"algo_{name}" in sys.modules:
+        return sys.modules[f"algo_{name}"]
     spec = importlib.util.spec_from_file_location(f"algo_{name}", ROOT / "algorithms" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
