@@ -30,7 +30,8 @@ Differences from the authors' code (`SO2/ding/policy/edac.py`, `SO2/ding/entry/s
   learned temperature, log_std in [-5, 2], critic loss summed over members, update order alpha -> actor -> critic
   -> Polyak). The SO2 code loads an rlkit checkpoint instead; at the switch it keeps the actor and critics, fixes
   alpha = 0.2, widens the log_std clamp to [-20, 2], and starts fresh Adam states with lr 1e-3. We do the same.
-  Each offline loss is computed after the previous step, as CORL does (EDAC computes all three from one forward).
+  The temperature and actor losses share one policy sample, as in the EDAC code; the critic's target is computed
+  after the actor step, as CORL does (the EDAC code computes it before any step).
 - pen-human uses the EDAC README's command (N 20, eta 1000, 200k updates, actor lr 3e-5, rewards standardised);
   eta for the random datasets and for pen/door cloned and expert is not stated in any source we have (1.0).
 
@@ -472,14 +473,14 @@ class ReplayBuffer:
     def sample(self, batch_size: int) -> dict[str, torch.Tensor]:
         idx = torch.randint(self.size, (batch_size,), device=self.device, generator=self.generator)
         rows = self.storage[idx]
-        return {k: rows[:, s].squeeze(-1) if s.stop - s.start == 1 else rows[:, s] for k, s in self.slices.items()}
+        return {k: rows[:, s].squeeze(-1) if k in ("rewards", "terminated", "truncated") else rows[:, s] for k, s in self.slices.items()}
 
     def added(self) -> dict[str, np.ndarray]:
         """The rows added after the dataset that are still held, oldest first, as numpy arrays."""
         m = min(self.n_added, self.capacity)
         idx = (self.start_ptr + torch.arange(self.n_added - m, self.n_added, device=self.device)) % self.capacity
         rows = self.storage[idx].cpu().numpy()
-        return {k: rows[:, s].squeeze(-1) if s.stop - s.start == 1 else rows[:, s] for k, s in self.slices.items()}
+        return {k: rows[:, s].squeeze(-1) if k in ("rewards", "terminated", "truncated") else rows[:, s] for k, s in self.slices.items()}
 
     def state_dict(self) -> dict[str, Any]:
         m = min(self.n_added, self.capacity)
@@ -594,19 +595,25 @@ def polyak(target: nn.Module, source: nn.Module, tau: float) -> None:
     torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
 
 
-def edac_diversity_loss(critic: VectorizedCritic, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-    """EDAC's ensemble similarity: mean over the batch of sum_{i != j} <g_i, g_j> / (N - 1), where g_i is the unit
-    gradient of Q_i with respect to the dataset action, kept differentiable in the critic weights."""
+def edac_critic_loss(critic: VectorizedCritic, obs: torch.Tensor, actions: torch.Tensor, y: torch.Tensor,
+                     eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """EDAC's critic loss: TD error summed over members, plus eta times the ensemble similarity
+    ES = mean over the batch of sum_{i != j} <g_i, g_j> / (N - 1), where g_i is the unit gradient of Q_i with respect
+    to the dataset action, kept differentiable in the critic weights. One forward pass serves both terms."""
     n = critic.n_critics
-    obs = obs.unsqueeze(0).expand(n, -1, -1)
-    actions = actions.unsqueeze(0).expand(n, -1, -1).detach().requires_grad_(True)  # [N, B, A]
-    q = critic(obs, actions)
-    grads = torch.autograd.grad(q.sum(), actions, create_graph=True)[0]
-    grads = grads / (grads.norm(dim=-1, keepdim=True) + 1e-10)
-    grads = grads.transpose(0, 1)  # [B, N, A]
-    cos = torch.bmm(grads, grads.transpose(1, 2))  # [B, N, N]
-    off_diagonal = 1.0 - torch.eye(n, device=cos.device)
-    return (cos * off_diagonal).sum(dim=(1, 2)).mean() / (n - 1)
+    actions = actions.unsqueeze(0).expand(n, -1, -1)  # [N, B, A]
+    if eta > 0:
+        actions = actions.detach().requires_grad_(True)
+    q = critic(obs.unsqueeze(0).expand(n, -1, -1), actions)  # [N, B]
+    loss = (q - y).pow(2).mean(dim=1).sum()
+    if eta > 0:
+        grads = torch.autograd.grad(q.sum(), actions, create_graph=True)[0]
+        grads = grads / (grads.norm(dim=-1, keepdim=True) + 1e-10)
+        grads = grads.transpose(0, 1)  # [B, N, A]
+        cos = torch.bmm(grads, grads.transpose(1, 2))  # [B, N, N]
+        off_diagonal = 1.0 - torch.eye(n, device=cos.device)
+        loss = loss + eta * (cos * off_diagonal).sum(dim=(1, 2)).mean() / (n - 1)
+    return loss, q.detach()
 
 
 @torch.no_grad()
@@ -627,13 +634,6 @@ def bellman_target(actor: TanhGaussianActor, critic_target: VectorizedCritic, ba
     return batch["rewards"] + gamma * (1.0 - batch["terminated"]) * (q_next - alpha * next_log_pi)
 
 
-def actor_loss_fn(actor: TanhGaussianActor, critic: VectorizedCritic, obs: torch.Tensor, alpha: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    action, log_pi = actor(obs)
-    q = critic(obs, action, detach=True).min(dim=0).values
-    return (alpha * log_pi - q).mean(), log_pi.detach()
-
-
 @dataclass
 class Agent:
     actor: TanhGaussianActor
@@ -644,40 +644,38 @@ class Agent:
 
 def make_offline_update(agent: Agent, args: Args, target_entropy: float
                         ) -> tuple[Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]], dict[str, Any]]:
-    """EDAC's step on one [B] batch, in EDAC's order: temperature, actor, critic (TD + eta x diversity), Polyak."""
+    """EDAC's step on one [B] batch, in EDAC's order: temperature, actor, critic (TD + eta x diversity), Polyak.
+    As in the EDAC code, the temperature and actor losses share one sample of the current policy."""
     actor_optim = torch.optim.Adam(agent.actor.parameters(), lr=args.actor_lr)
     critic_optim = torch.optim.Adam(agent.critic.parameters(), lr=args.critic_lr)
     alpha_optim = torch.optim.Adam([agent.log_alpha], lr=args.alpha_lr)
     gamma, tau, eta = args.gamma, args.tau, args.eta
-    # torch.compile cannot differentiate twice; the diversity term stays eager under --compile.
-    diversity = torch.compiler.disable(edac_diversity_loss)
+    # torch.compile cannot differentiate twice: with the diversity term the critic loss stays eager.
+    critic_loss_fn = torch.compiler.disable(edac_critic_loss) if eta > 0 else edac_critic_loss
 
     def update(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         obs = batch["observations"]
-        with torch.no_grad():
-            _, log_pi = agent.actor(obs)
-        alpha_loss = -(agent.log_alpha * (log_pi + target_entropy)).mean()
+        action, log_pi = agent.actor(obs)
+        alpha_loss = -(agent.log_alpha * (log_pi.detach() + target_entropy)).mean()
         alpha_optim.zero_grad(set_to_none=True)
         alpha_loss.backward()
         alpha_optim.step()
         alpha = agent.log_alpha.detach().exp()
 
-        actor_loss, log_pi = actor_loss_fn(agent.actor, agent.critic, obs, alpha)
+        actor_loss = (alpha * log_pi - agent.critic(obs, action, detach=True).min(dim=0).values).mean()
         actor_optim.zero_grad(set_to_none=True)
         actor_loss.backward()
         actor_optim.step()
 
         y = bellman_target(agent.actor, agent.critic_target, batch, alpha, gamma, 0.0, 0.0, per_member=False)
-        q = agent.critic(obs, batch["actions"])  # [N, B]
-        td_loss = (q - y).pow(2).mean(dim=1).sum()
-        critic_loss = td_loss + eta * diversity(agent.critic, obs, batch["actions"]) if eta > 0 else td_loss
+        critic_loss, q = critic_loss_fn(agent.critic, obs, batch["actions"], y, eta)
         critic_optim.zero_grad(set_to_none=True)
         critic_loss.backward()
         critic_optim.step()
         polyak(agent.critic_target, agent.critic, tau)
         return {"loss/critic": critic_loss.detach(), "loss/actor": actor_loss.detach(),
-                "loss/alpha": alpha_loss.detach(), "alpha": alpha, "entropy": -log_pi.mean(),
-                "q/mean": q.detach().mean(), "q/std_ensemble": q.detach().std(dim=0).mean()}
+                "loss/alpha": alpha_loss.detach(), "alpha": alpha, "entropy": -log_pi.detach().mean(),
+                "q/mean": q.mean(), "q/std_ensemble": q.std(dim=0).mean()}
 
     return update, {"actor_optim": actor_optim, "critic_optim": critic_optim, "alpha_optim": alpha_optim}
 
@@ -707,7 +705,9 @@ def make_online_update(agent: Agent, args: Args
             critic_loss = critic_loss + loss.detach() / utd
             q_mean = q_mean + q.detach().mean() / utd
             if (u + 1) % actor_every == 0:
-                a_loss, _ = actor_loss_fn(agent.actor, agent.critic, b["observations"], alpha)
+                action, log_pi = agent.actor(b["observations"])
+                q_pi = agent.critic(b["observations"], action, detach=True).min(dim=0).values
+                a_loss = (alpha * log_pi - q_pi).mean()
                 actor_optim.zero_grad(set_to_none=True)
                 a_loss.backward()
                 actor_optim.step()

@@ -39,29 +39,20 @@ SIZES = {"walker2d-n10": (17, 6, 10), "hopper-n50": (11, 3, 50)}  # obs_dim, act
 
 @dataclass
 class Config:
-    sizes: tuple[Literal["walker2d-n10", "hopper-n50"], ...] = ("walker2d-n10", "hopper-n50")
-    """problem sizes to run"""
+    sizes: tuple[Literal["walker2d-n10", "hopper-n50"], ...] = ("walker2d-n10", "hopper-n50")  # problem sizes
     workloads: tuple[Literal["edac", "sac-n", "so2"], ...] = ("edac", "sac-n", "so2")
-    """edac/sac-n: one offline update (eta 1 / 0); so2: one online env step's block of updates"""
-    quick: bool = False
-    """debug run: 3 rounds of >= 0.3 s, 1 warm-up call, hopper-n50 skipped"""
-    skip_n50: bool = False
-    """drop hopper-n50 (the slowest size)"""
-    compile: bool = True
-    """also time torch.compile(update) of so2.py's functions (--no-compile to skip)"""
-    device: str = "cpu"
-    """cpu or cuda"""
-    threads: int = 0
-    """torch.set_num_threads; 0 keeps torch's default"""
-    rounds: int = 7
-    """round-robin rounds; the median over rounds is reported"""
-    warmup: int = 2
-    """untimed calls per variant before the rounds (compiled variants get at least 3)"""
-    round_seconds: float = 1.0
-    """minimum time of one variant in one round; calls per round are chosen from the warm-up"""
+    """edac / sac-n: one offline update (eta 1 / 0); so2: one online env step's block of 10 + 10 updates"""
+    quick: bool = False  # debug run: 3 rounds of >= 0.3 s, 1 warm-up call, hopper-n50 skipped
+    skip_n50: bool = False  # drop hopper-n50, the slowest size
+    compile: bool = True  # also time torch.compile(update) of so2.py's functions (--no-compile to skip)
+    device: str = "cpu"  # cpu or cuda
+    threads: int = 0  # torch.set_num_threads; 0 keeps torch's default
+    rounds: int = 7  # round-robin rounds; the median over rounds is reported
+    workload_seconds: float = 900  # fewer rounds (at least 3) where 'rounds' would take longer than this
+    warmup: int = 1  # untimed calls per variant after the check update (compiled variants: at least 3)
+    round_seconds: float = 1.0  # minimum time of a variant in a round; calls per round come from the warm-up
     seed: int = 0
-    out: str = "results/speed.md"
-    """Markdown report ('' = none)"""
+    out: str = "results/speed.md"  # Markdown report ('' = none)
 
 
 # ---- the plain reference, written the CleanRL/CORL way
@@ -144,7 +135,7 @@ def plain_online_update(actor, critic, target, log_alpha, args) -> Callable:
     utd, actor_every, c = args.utd_ratio, args.utd_ratio // args.actor_updates_per_step, args.target_noise_clip
 
     def update(batch):
-        alpha, critic_losses, actor_losses = log_alpha.exp(), [], []
+        alpha, critic_loss, actor_loss_sum = log_alpha.exp(), 0.0, 0.0
         for u in range(utd):
             obs, actions, next_obs = batch["observations"][u], batch["actions"][u], batch["next_observations"][u]
             with torch.no_grad():
@@ -156,16 +147,16 @@ def plain_online_update(actor, critic, target, log_alpha, args) -> Callable:
             critic_optim.zero_grad()
             loss.backward()
             critic_optim.step()
-            critic_losses.append(loss.item())
+            critic_loss = critic_loss + loss.detach() / utd
             if (u + 1) % actor_every == 0:
                 pi, log_pi = actor(obs)
                 actor_loss = (alpha * log_pi - critic(obs, pi).min(0).values).mean()
                 actor_optim.zero_grad()
                 actor_loss.backward()
                 actor_optim.step()
-                actor_losses.append(actor_loss.item())
+                actor_loss_sum = actor_loss_sum + actor_loss.detach() / args.actor_updates_per_step
             plain_polyak(target, critic, args.tau)
-        return {"loss/critic": sum(critic_losses) / utd, "loss/actor": sum(actor_losses) / len(actor_losses)}
+        return {"loss/critic": critic_loss, "loss/actor": actor_loss_sum}
 
     return update
 
@@ -204,27 +195,25 @@ def flops_per_call(workload, obs_dim, act_dim, n, batch, args) -> float:
     return 5 * fa + 6 * fc + (6 * fc if workload == "edac" else 0)
 
 
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(fn, batch, iters, device) -> float:
-    sync(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
     t = time.perf_counter()
     for _ in range(iters):
         fn(batch)
-    sync(device)
+    sync()
     return (time.perf_counter() - t) / iters
 
 
-def matmul_gflops(device, shape: tuple[int, ...]) -> float:
-    a, b = torch.randn(shape, device=device), torch.randn(shape, device=device)
-    flop = 2 * math.prod(shape) * shape[-1]
-    fn = lambda _: torch.matmul(a, b)  # noqa: E731
-    timed(fn, None, 20, device)
-    iters = max(1, int(0.2 / timed(fn, None, 10, device)))
-    return flop / statistics.median(timed(fn, None, iters, device) for _ in range(7)) / 1e9
+def matmul_rates(device) -> dict[str, float]:
+    """GFLOP/s of a 256x256x256 fp32 matmul and a [10,256,256] bmm, best of 7 repeats: what the machine can do."""
+    out = {}
+    for name, shape in (("256x256x256 mm", (256, 256)), ("[10,256,256] bmm", (10, 256, 256))):
+        a, b = torch.randn(shape, device=device), torch.randn(shape, device=device)
+        fn = lambda _: torch.matmul(a, b)  # noqa: E731
+        iters = max(1, int(0.2 / timed(fn, None, 10, device)))
+        out[name] = 2 * math.prod(shape) * shape[-1] / min(timed(fn, None, iters, device) for _ in range(7)) / 1e9
+    return out
 
 
 @dataclass
@@ -289,22 +278,23 @@ def run_workload(cfg: Config, size: str, workload: str, device) -> tuple[list[Va
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
         variants.append(Variant("so2.py torch.compile", torch.compile(compiled)))
-    warm_calls = cfg.warmup
-    for v in variants:
+    for v in variants:  # warm-up; the check above was already a first call of the eager variants
         try:
-            n_warm = max(warm_calls, 3) if "compile" in v.name else warm_calls
-            t_first = timed(v.fn, batch, 1, device)
-            t_last = min([timed(v.fn, batch, 1, device) for _ in range(n_warm - 1)], default=t_first)
-            v.iters = max(1, round(cfg.round_seconds / t_last))
-            if "compile" in v.name:
+            compiling = "compile" in v.name
+            v.times = [timed(v.fn, batch, 1, device) for _ in range(max(cfg.warmup, 3 if compiling else 1))]
+            v.iters = max(1, round(cfg.round_seconds / v.times[-1]))
+            if compiling:
                 c = torch._dynamo.utils.counters
-                v.note = (f"first call {t_first:.0f} s; {c['stats']['unique_graphs']} graphs, "
+                v.note = (f"first call {v.times[0]:.0f} s; {c['stats']['unique_graphs']} graphs, "
                           f"{sum(c['graph_break'].values())} graph breaks")
         except Exception as e:  # a compile failure is reported, not fatal
-            v.error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:100] if str(e).strip() else ''}"
+            v.error = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:100]}"
             print(f"  {v.name} failed: {v.error}", flush=True)
     live = [v for v in variants if not v.error]
-    for r in range(cfg.rounds):
+    round_s = sum(v.iters * v.times[-1] for v in live)  # estimated from the last warm-up call
+    for v in live:
+        v.times = []
+    for r in range(max(3, min(cfg.rounds, int(cfg.workload_seconds / round_s)))):
         for v in live[r % len(live):] + live[: r % len(live)]:  # rotate the order every round
             v.times.append(timed(v.fn, batch, v.iters, device))
     return variants, check, f"{size} {workload}"
@@ -316,98 +306,95 @@ def main(cfg: Config) -> None:
     sizes = [s for s in cfg.sizes if not ((cfg.quick or cfg.skip_n50) and s == "hopper-n50")]
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    torch._dynamo.config.recompile_limit = 64
-    device = torch.device(cfg.device)
-    start = time.time()
-    dev_name = so2.device_name(device)
-    rates = {"256x256x256 mm": matmul_gflops(device, (256, 256)),
-             "[10,256,256] bmm": matmul_gflops(device, (10, 256, 256))}
-    peak = max(rates.values())
-    print(f"{dev_name}; torch {torch.__version__}; threads {torch.get_num_threads()}")
-    print("matmul rate: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in rates.items()), flush=True)
-    rows, check_lines, summary = [], [], {}
-    head = f"| {'workload':<20} | {'variant':<22} | ms/update | updates/s | vs reference | % of matmul rate | notes |"
-    print(head)
+    torch._dynamo.config.recompile_limit = 64  # one compiled closure per workload shares so2.py's code objects
+    device, start, load = torch.device(cfg.device), time.time(), [os.getloadavg()[0]]
+    rates = matmul_rates(device)
+    info = {"device": so2.device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    print(f"{info['device']}; torch {info['torch']}; threads {info['threads']}; matmul rate "
+          + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in rates.items()), flush=True)
+    rows, checks_md, ratios = [], [], {}
+    print(HEAD)
     for size in sizes:
         for workload in cfg.workloads:
-            obs_dim, act_dim, n = SIZES[size]
-            args = so2.Args(n_critics=n)
+            (obs_dim, act_dim, n), args = SIZES[size], so2.Args(n_critics=SIZES[size][2])
             batch = args.online_batch_size if workload == "so2" else args.batch_size
-            flop = flops_per_call(workload, obs_dim, act_dim, n, batch, args)
-            t0 = time.time()
+            flop, t0 = flops_per_call(workload, obs_dim, act_dim, n, batch, args), time.time()
             variants, check, name = run_workload(cfg, size, workload, device)
-            check_lines.append(f"| {name} | " + ", ".join(f"{k} {v:.1e}" for k, v in check.items()) + " |")
-            ref_ms = None
+            checks_md.append(f"| {name} | " + ", ".join(f"{k} {v:.1e}" for k, v in check.items()) + " |")
             for v in variants:
-                if v.error:
-                    row = f"| {name:<20} | {v.name:<22} | failed | | | | {v.error} |"
-                else:
-                    ms = statistics.median(v.times) * 1e3
-                    ref_ms = ms if ref_ms is None else ref_ms
-                    spread = (max(v.times) - min(v.times)) / statistics.median(v.times) * 100
-                    summary[(size, workload, v.name)] = ref_ms / ms
-                    row = (f"| {name:<20} | {v.name:<22} | {ms:9.1f} | {1e3 / ms:9.2f} | {ref_ms / ms:11.2f}x | "
-                           f"{flop / (ms / 1e3) / 1e9 / peak * 100:15.1f}% | {v.iters}x{len(v.times)} calls, "
-                           f"range {spread:.0f}%{'; ' + v.note if v.note else ''} |")
-                rows.append(row)
-                print(row, flush=True)
-            print(f"  ({name}: {flop / 1e9:.1f} GFLOP per update, {time.time() - t0:.0f} s; checks: "
+                res = {"name": name, "variant": v.name, "error": v.error, "flop": flop, "note": v.note}
+                if not v.error:
+                    res.update(ms=statistics.median(v.times) * 1e3, calls=f"{v.iters}x{len(v.times)}",
+                               ratio=statistics.median(r / t for r, t in zip(variants[0].times, v.times)),
+                               spread=(max(v.times) - min(v.times)) / statistics.median(v.times) * 100)
+                    ratios[(size, workload, v.name)] = res["ratio"]  # per round, then the median
+                rows.append(res)
+                print(table_row(res, max(rates.values())), flush=True)
+            print(f"  ({name}: {flop / 1e9:.1f} GFLOP per update, {time.time() - t0:.0f} s; "
                   + ", ".join(f"{k} {v:.1e}" for k, v in check.items()) + ")", flush=True)
+            load.append(os.getloadavg()[0])
+    rates = {k: max(v, w) for (k, v), w in zip(rates.items(), matmul_rates(device).values())}  # start and end
+    eager, comp = (ratios.get(("walker2d-n10", "edac", f"so2.py {k}")) for k in ("eager", "torch.compile"))
+    verdict = ("not measured (walker2d-n10 edac was not run)" if eager is None else
+               f"{'met' if eager >= 1.5 else 'NOT met'}: so2.py's eager EDAC update is {eager:.2f}x the plain "
+               f"reference" + (f" ({comp:.2f}x under torch.compile)" if comp else ""))
     elapsed = time.time() - start
-    edac = summary.get(("walker2d-n10", "edac", "so2.py eager"))
-    edac_c = summary.get(("walker2d-n10", "edac", "so2.py torch.compile"))
-    verdict = ("not measured (walker2d-n10 edac not run)" if edac is None else
-               f"{'met' if edac >= 1.5 else 'NOT met'}: so2.py's eager EDAC update is {edac:.2f}x the plain reference"
-               + (f" ({edac_c:.2f}x compiled)" if edac_c else ""))
-    print(f"target (EDAC offline update >= 1.5x the plain reference, walker2d-n10): {verdict}")
-    print(f"total {elapsed / 60:.1f} min")
+    print(f"target (walker2d-n10 EDAC >= 1.5x the plain reference): {verdict}\ntotal {elapsed / 60:.1f} min")
     if cfg.out:
-        write_report(cfg, dev_name, rates, head, rows, check_lines, verdict, summary, elapsed)
+        write_report(cfg, info, rates, rows, checks_md, verdict, ratios, load, elapsed)
 
 
-def write_report(cfg, dev_name, rates, head, rows, check_lines, verdict, summary, elapsed) -> None:
+HEAD = f"| {'workload':<20} | {'variant':<22} | ms/update | updates/s | vs reference | % of matmul rate | notes |"
+
+
+def table_row(r: dict, peak: float) -> str:
+    if r["error"]:
+        return f"| {r['name']:<20} | {r['variant']:<22} | failed | | | | {r['error']} |"
+    return (f"| {r['name']:<20} | {r['variant']:<22} | {r['ms']:9.1f} | {1e3 / r['ms']:9.3f} | {r['ratio']:11.2f}x | "
+            f"{r['flop'] / r['ms'] / 1e6 / peak * 100:15.1f}% | {r['calls']} calls, range {r['spread']:.0f}%"
+            f"{'; ' + r['note'] if r['note'] else ''} |")
+
+
+def write_report(cfg, info, rates, rows, checks_md, verdict, ratios, load, elapsed) -> None:
+    said = "; ".join(f"{s} {w} {v.removeprefix('so2.py ')} {r:.2f}x" for (s, w, v), r in ratios.items()
+                     if v != "plain reference")
+    busy = max(load) > os.cpu_count()
     lines = [
         "# Update speed of algorithms/so2.py", "",
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
-        f"- device: {dev_name}", f"- torch {torch.__version__}, {torch.get_num_threads()} threads, python "
-        f"{sys.version.split()[0]}",
-        "- matmul rate (fp32): " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in rates.items()),
+        f"- device: {info['device']}; torch {info['torch']}; {info['threads']} threads; python {sys.version.split()[0]}",
+        "- matmul rate (fp32, best of 7 repeats at start and end): " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in rates.items()),
         f"- command: `python benchmark/speed.py {' '.join(sys.argv[1:])}`",
-        f"- rounds {cfg.rounds}, warm-up {cfg.warmup} calls (compiled: >= 3), >= {cfg.round_seconds} s per variant "
-        f"per round; runtime {elapsed / 60:.1f} min", "",
-        head, "|" + "---|" * 7, *rows, "",
-        "One *update* is one call of the update function: for edac/sac-n one offline gradient step (alpha, actor, "
-        "critic, Polyak) at batch 256; for so2 one env step's block, 10 critic steps + 10 actor steps at batch 2560. "
-        "`vs reference` divides the reference's median time by the variant's; `range` is (max - min) / median over "
-        "rounds; `AxB calls` = calls per round x rounds.", "",
+        f"- {cfg.rounds} round-robin rounds, {cfg.warmup} warm-up calls (compiled: >= 3), >= {cfg.round_seconds} s "
+        f"per variant per round; 1-min load average {min(load):.1f} to {max(load):.1f} on {os.cpu_count()} cores; "
+        f"runtime {elapsed / 60:.1f} min", "",
+        HEAD, "|" + "---|" * 7, *(table_row(r, max(rates.values())) for r in rows), "",
+        "An *update* is one call of the update function: for edac / sac-n one offline gradient step (alpha, actor, "
+        "critic, Polyak) at batch 256; for so2 one env step's block, 10 critic + 10 actor steps at batch 2560. "
+        "`ms/update` is the median over rounds; `vs reference` the median over rounds of the reference's time over "
+        "the variant's in the same round; `range` (max - min) / median over rounds; `AxB calls` calls per round x "
+        "rounds.", "",
         "**FLOP model.** A critic costs (obs+act)*256 + 2*256*256 + 256 multiply-adds per sample, so the forward of N "
-        "critics at batch B is Fc = 2*MACs*B*N FLOPs (the actor likewise, Fa, with two 256*act heads). A backward is "
-        "counted as 2x its forward, an input-only backward (actor loss through frozen critics, dQ/da) as 1x. EDAC = "
-        "5Fa + 6Fc + 6Fc for the diversity term (forward, dQ/da, and the 2x backward of both); SAC-N drops the last "
-        "term; an SO2 block = 10 (Fa + 4Fc) + 10 (3Fa + 2Fc). `% of matmul rate` = these FLOPs per second over the "
-        "better of the two measured matmul rates; it ignores elementwise work, optimizer steps and Python overhead.",
-        "", "**Correctness checks** (before timing; same initial weights, one update of each from the same seed): "
-        "max |dQ| of the copied critics, relative difference of each returned loss, max |dW| of critic weights "
-        "after that update.", "", "| workload | checks |", "|---|---|", *check_lines, "",
-        f"**Target** (so2.py's EDAC offline update >= 1.5x the plain reference on this machine, same run): {verdict}.",
-        "", "**What the numbers say.** " + interpret(summary, cfg), ""]
+        "critics at batch B is Fc = 2*MACs*B*N FLOPs (the actor's forward Fa likewise, with its two 256*act heads). "
+        "A backward counts 2x its forward, an input-only backward (actor loss through frozen critics, dQ/da) 1x: "
+        "EDAC = 5Fa + 6Fc + 6Fc for the diversity term (forward, dQ/da, 2x backward of both), SAC-N without that "
+        "term, an SO2 block = 10 (Fa + 4Fc) + 10 (3Fa + 2Fc). `% of matmul rate` = these FLOP/s over the better "
+        "measured matmul rate; elementwise work, optimizer steps and Python overhead count as lost time.", "",
+        "**Checks** before timing (same initial weights; one update of each from the same seed on the same batch): "
+        "max |dQ| between so2.py's critics and the copied Sequentials, relative difference of each returned loss, "
+        "max |dW| of critic weights after that update.", "", "| workload | checks |", "|---|---|", *checks_md, "",
+        f"**Target** (so2.py's EDAC offline update >= 1.5x the plain reference, walker2d-n10, same run): {verdict}.", "",
+        f"**What the numbers say.** Speed-ups over the plain reference: {said}. "
+        + ("The machine was busy with other jobs during the run (load above the core count), so absolute times are "
+           "noisy and the per-round ratios are the numbers to trust. " if busy else "")
+        + f"With {info['threads']} threads, every op of the reference's per-critic loop is a parallel region; when "
+        "other processes hold the cores, such many small regions wait on each other, which inflates the reference's "
+        "time more than so2.py's (compare a `--threads 1` run). A `% of matmul rate` well below 100 means time goes "
+        "to elementwise ops, optimizer steps and dispatch rather than matmuls.", ""]
     path = ROOT / cfg.out
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
     print(f"wrote {path}")
-
-
-def interpret(summary: dict, cfg: Config) -> str:
-    out = []
-    for (size, workload, name), ratio in summary.items():
-        if name != "plain reference":
-            out.append(f"{size} {workload}: {name} {ratio:.2f}x")
-    text = "Speed-ups over the plain reference: " + "; ".join(out) + ". "
-    text += ("The machine was shared with other jobs while this ran, so absolute times are noisy; the ratios come "
-             "from interleaved rounds and are the more reliable numbers. Where a ratio is near 1x the work is "
-             "dominated by the matmuls both versions do alike (large batch or many members); the vectorised "
-             "ensemble gains most where per-op and per-parameter overhead matters (batch 256, N 10).")
-    return text
 
 
 if __name__ == "__main__":

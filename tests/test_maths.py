@@ -168,12 +168,18 @@ def direct_diversity(critic, obs, actions):
     return (total / (n - 1)).mean()
 
 
+def so2_diversity(critic, obs, actions):
+    """The diversity term of so2.edac_critic_loss alone: loss(eta=1) - loss(eta=0) on the same target."""
+    y = torch.zeros(obs.shape[0])
+    return so2.edac_critic_loss(critic, obs, actions, y, 1.0)[0] - so2.edac_critic_loss(critic, obs, actions, y, 0.0)[0]
+
+
 def test_edac_diversity_loss_matches_direct_computation():
     torch.manual_seed(2)
     n, b = 4, 6
     critic = so2.VectorizedCritic(3, 2, n, hidden=16, n_layers=2, edac_init=False)
     obs, actions = torch.randn(b, 3), torch.rand(b, 2) * 2 - 1
-    loss = so2.edac_diversity_loss(critic, obs, actions)
+    loss = so2_diversity(critic, obs, actions)
     expected = direct_diversity(critic, obs, actions)
     assert loss.shape == ()
     torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-5)
@@ -202,7 +208,7 @@ def test_edac_diversity_identical_members_gives_n():
     with torch.no_grad():
         for p in critic.parameters():
             p.copy_(p[:1].expand_as(p))
-    loss = so2.edac_diversity_loss(critic, torch.randn(5, 3), torch.rand(5, 2) * 2 - 1)
+    loss = so2_diversity(critic, torch.randn(5, 3), torch.rand(5, 2) * 2 - 1)
     assert loss.item() == pytest.approx(n, abs=1e-5)
 
 
@@ -394,7 +400,7 @@ def test_offline_update_steps_and_losses(monkeypatch):
     assert events == ["alpha", "actor", "critic"]
     assert all(torch.isfinite(v) for v in out.values())
 
-    # Recompute with the same random draws: alpha's log_pi, the actor loss's sample, the target's sample.
+    # Recompute with the same random draws: one sample shared by the alpha and actor losses, then the target's.
     torch.manual_seed(9)
     obs = batch["observations"]
     with torch.no_grad():
@@ -403,7 +409,6 @@ def test_offline_update_steps_and_losses(monkeypatch):
         u1 = mu0 + ls0.exp() * e1
         log_pi1 = tanh_gaussian_log_prob(mu0, ls0.exp(), u1)
         alpha_loss = -(ref.log_alpha * (log_pi1 - 2.0)).mean()
-        _ = torch.randn(mu0.shape)  # the actor loss's draw
         alpha = agent.log_alpha.detach().exp()  # after the temperature step
         # The target uses the actor after its step (the critic step does not change it).
         mu, ls = actor_parts(agent.actor, batch["next_observations"])
@@ -433,7 +438,7 @@ def test_offline_update_eta_adds_diversity(monkeypatch):
     torch.manual_seed(3)
     out5 = update5(batch)
     assert events5 == ["alpha", "actor", "critic"]
-    div = so2.edac_diversity_loss(critic_before, batch["observations"], batch["actions"]).detach()
+    div = so2_diversity(critic_before, batch["observations"], batch["actions"]).detach()
     assert abs(div.item()) > 1e-4
     assert not torch.allclose(out0["loss/critic"], out5["loss/critic"])
     torch.testing.assert_close(out5["loss/critic"] - out0["loss/critic"], 5.0 * div, atol=1e-5, rtol=1e-4)
@@ -698,9 +703,6 @@ def test_actor_squashed_log_std(bias):
     torch.testing.assert_close(lp, torch.full((3,), want), atol=1e-4, rtol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="ReplayBuffer.sample/added squeeze every width-1 column, so act_dim 1 "
-                   "(e.g. InvertedPendulum, Pendulum via sac.py's Gymnasium ids) gives actions [B] and the "
-                   "critic's cat([obs, action]) fails; only rewards/terminated/truncated should be squeezed")
 def test_replay_buffer_one_dimensional_action_keeps_its_column():
     buf = so2.ReplayBuffer(8, 3, 1, torch.device("cpu"), seed=0)
     buf.load_dataset({"observations": np.zeros((4, 3)), "actions": np.ones((4, 1)), "rewards": np.zeros(4),
