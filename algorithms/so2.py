@@ -860,16 +860,18 @@ class Logger:
         self.sums: dict[str, torch.Tensor] = {}
         self.count, self.n_eval_rows, self.last_step, self.last_time = 0, n_eval_rows, 0, time.perf_counter()
         self.bar: tqdm | None = None
+        self.phase = "train"
         path = run_dir / "eval.jsonl"
         if path.exists():  # on resume, drop rows written after the checkpoint the run continues from
             rows = path.read_text().splitlines()[:n_eval_rows]
             path.write_text("".join(r + "\n" for r in rows))
 
     def progress(self, total: int, initial: int, desc: str) -> None:
+        """Start the progress bar of a phase; `desc` (offline/online) also prefixes its TensorBoard tags."""
         if self.bar is not None:
             self.bar.close()
         self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, mininterval=2.0)
-        self.last_step, self.last_time = initial, time.perf_counter()
+        self.phase, self.last_step, self.last_time = desc, initial, time.perf_counter()
 
     def accumulate(self, metrics: dict[str, torch.Tensor]) -> None:
         for k, v in metrics.items():
@@ -886,11 +888,11 @@ class Logger:
             raise RunError(f"non-finite {', '.join(bad)} before step {step}; the run stopped. The last "
                            f"checkpoint.pt in {self.run_dir} is from before this and can be resumed with other "
                            f"settings (e.g. a lower learning rate).")
-        for k, v in zip(keys, values):
-            self.writer.add_scalar(k, v, step)
+        for k, v in zip(keys, values):  # offline steps count gradient steps, online ones env steps
+            self.writer.add_scalar(f"{self.phase}/{k}", v, step)
         now = time.perf_counter()
         rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
-        self.writer.add_scalar("charts/steps_per_second", rate, step)
+        self.writer.add_scalar(f"{self.phase}/steps_per_second", rate, step)
         self.sums, self.count, self.last_step, self.last_time = {}, 0, step, now
 
     def eval_row(self, row: dict[str, Any]) -> None:
