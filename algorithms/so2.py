@@ -658,7 +658,9 @@ def make_offline_update(agent: Agent, args: Args, target_entropy: float
         action, log_pi = agent.actor(obs)
         alpha_loss = -(agent.log_alpha * (log_pi.detach() + target_entropy)).mean()
         alpha_optim.zero_grad(set_to_none=True)
-        alpha_loss.backward()
+        # Eagerly a no-op; under torch.compile the policy sample and this loss can share one autograd node, which
+        # the actor loss below backpropagates through again.
+        alpha_loss.backward(retain_graph=True)
         alpha_optim.step()
         alpha = agent.log_alpha.detach().exp()
 
