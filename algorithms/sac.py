@@ -569,7 +569,8 @@ class Logger:
 
         self.run_dir, self.writer = run_dir, SummaryWriter(str(run_dir))
         self.sums: dict[str, torch.Tensor] = {}
-        self.count, self.n_eval_rows, self.last_step, self.last_time = 0, n_eval_rows, 0, time.perf_counter()
+        self.counts: dict[str, int] = {}  # per metric: update functions may run at different rates
+        self.n_eval_rows, self.last_step, self.last_time = n_eval_rows, 0, time.perf_counter()
         self.bar: tqdm | None = None
         self.phase = "train"
         path = run_dir / "eval.jsonl"
@@ -587,13 +588,13 @@ class Logger:
     def accumulate(self, metrics: dict[str, torch.Tensor]) -> None:
         for k, v in metrics.items():
             self.sums[k] = self.sums[k] + v if k in self.sums else v.detach().clone()
-        self.count += 1
+            self.counts[k] = self.counts.get(k, 0) + 1
 
     def flush(self, step: int) -> None:
         if not self.sums:
             return
         keys = list(self.sums)
-        values = torch.stack([self.sums[k].float() for k in keys]).cpu().numpy() / self.count
+        values = torch.stack([self.sums[k].float() for k in keys]).cpu().numpy() / [self.counts[k] for k in keys]
         bad = [k for k, v in zip(keys, values) if not np.isfinite(v)]
         if bad:
             raise RunError(f"non-finite {', '.join(bad)} before step {step}; the run stopped. The last "
@@ -604,7 +605,7 @@ class Logger:
         now = time.perf_counter()
         rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
         self.writer.add_scalar(f"{self.phase}/steps_per_second", rate, step)
-        self.sums, self.count, self.last_step, self.last_time = {}, 0, step, now
+        self.sums, self.counts, self.last_step, self.last_time = {}, {}, step, now
 
     def eval_row(self, row: dict[str, Any]) -> None:
         with open(self.run_dir / "eval.jsonl", "a") as f:

@@ -712,3 +712,21 @@ def test_replay_buffer_one_dimensional_action_keeps_its_column():
     assert s["rewards"].shape == (5,)
     assert s["actions"].shape == (5, 1)
     assert buf.added()["actions"].shape == (1, 1)
+
+
+def test_logger_averages_each_metric_over_its_own_updates(tmp_path):
+    """The critic runs every step and the actor every other step: each mean is over that metric's own calls."""
+    logger = so2.Logger(tmp_path)
+    logged = {}
+    logger.writer.add_scalar = lambda tag, value, step: logged.__setitem__(tag, float(value))
+    for step in range(4):
+        logger.accumulate({"loss/critic": torch.tensor(float(step))})
+        if step % 2:
+            logger.accumulate({"loss/actor": torch.tensor(10.0 * step)})
+    logger.flush(4)
+    assert logged["train/loss/critic"] == pytest.approx(1.5)
+    assert logged["train/loss/actor"] == pytest.approx(20.0)
+    logger.accumulate({"loss/critic": torch.tensor(float("nan"))})
+    with pytest.raises(so2.RunError, match="non-finite loss/critic"):
+        logger.flush(5)
+    logger.close()
