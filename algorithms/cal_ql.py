@@ -1,0 +1,1225 @@
+"""Cal-QL: calibrated CQL pretraining, then online fine-tuning with the same calibrated loss.
+
+Nakamoto, Zhai, Singh, Sobol Mark, Ma, Finn, Kumar, Levine. "Cal-QL: Calibrated Offline RL Pre-Training for Efficient
+Online Fine-Tuning", NeurIPS 2023 (arXiv 2303.05479). Official code: nakamotoo/Cal-QL (JAX, ac6eafec); also CORL
+`algorithms/finetune/cal_ql.py` (corl-team/CORL @ eeeeef26).
+
+Cal-QL is CQL (see cql_ft.py: SAC with twin critics plus alpha_cql times a logsumexp penalty over uniform and policy
+actions minus Q of the data action) with one change: before the logsumexp, the Q-values of the policy's actions
+(at s and at s', all scored at s) become max(Q(s, a), V_mu(s)), where V_mu(s) is the Monte-Carlo discounted
+return-to-go of the data from s. Where Q is already below that reference the push-down stops, so the pretrained Q
+stays a lower bound of sensible scale and fine-tuning avoids the initial unlearning dip. Returns are computed for the
+dataset's episodes and for every online episode when it ends, before its transitions are used.
+
+Differences from the authors' code, and which one the default follows:
+- Calibration online: on, with the online episodes' returns (Cal-QL code); CORL turns it off for the whole online
+  phase and stores return 0 for online data (`--no-calibrate-online`: CORL's loss, on our schedule).
+- Online schedule (Cal-QL code): one whole episode with the stochastic policy, then as many updates as it had steps,
+  on batches of int(B * mixing_ratio) dataset rows and the rest online rows from separate buffers. CORL interleaves
+  one env step and one update.
+- Settings: neither code has a locomotion config, so MuJoCo uses cql_ft.py's MuJoCo defaults (the SO2 paper's
+  Table 5 = CORL's offline CQL configs) and Cal-QL here is cql_ft + calibration; Adroit uses CORL's Cal-QL Adroit
+  config (alpha_cql 1, actor lr 1e-4, max-backup, clip_diff_min -200, raw states). The Cal-QL code's own Adroit runs
+  use binary-reward data (reward scale 10, bias 5), a 2 x 512 actor and 20k offline steps.
+- Returns: the dense-reward recursion of both codes on the rewards the critic sees (after any rescaling); an episode
+  ends where the data flags terminated or truncated, and a time-out's tail is left out (a looser lower bound). The
+  sparse-reward correction (antmaze, binary Adroit) is not implemented.
+- Not implemented, unused by every config we follow: the Lagrange variant (antmaze), BC warm-start steps (0), the
+  logsumexp without importance sampling, a fixed temperature, clipping dataset actions to 0.99999 (Cal-QL code; it
+  only matters for BC steps).
+- Init, update order, one Adam for both critics, hopper-medium's reward rescaling, time-outs, budget and evaluation:
+  as cql_ft.py (CORL's code; o2o-rl's protocol).
+
+Data, evaluation and outputs follow o2o-rl's protocol (`--help`; README.md): D4RL v2 files evaluate on the
+Gymnasium v4 environments, rebuilt and Minari data on v5, Adroit on `AdroitHand*-v1`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import http.client
+import json
+import math
+import os
+import random
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import gymnasium as gym
+import h5py
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from tqdm import tqdm
+
+ALGO = "cal_ql"
+
+
+@dataclass
+class Args:
+    # ---- protocol: the same fields, in the same order, in every algorithm file
+    env_id: str = "hopper-medium"
+    """task id, e.g. walker2d-random or door-human (an unknown id prints the list)"""
+    data: Literal["d4rl", "minari", "rebuilt"] | None = None
+    """data source; default d4rl for MuJoCo, minari for Adroit; rebuilt = benchmark/make_datasets.py output"""
+    dataset: str | None = None
+    """a D4RL-layout HDF5 file or a Minari dataset id; overrides --data's dataset (not its evaluation env)"""
+    seed: int = 0
+    """seed of everything; evaluation episode i always starts from seed 100000 * (seed + 1) + i"""
+    offline_steps: int = 1_000_000
+    """gradient steps of offline pretraining"""
+    online_steps: int = 100_000
+    """online environment steps, warm-up included"""
+    offline_eval_every: int = 10_000
+    """gradient steps between offline evaluations"""
+    eval_every: int = 1_000
+    """online environment steps between evaluations"""
+    eval_episodes: int = 10
+    """deterministic episodes per evaluation"""
+    q_diag_extend_steps: int | None = None
+    """steps an evaluation episode runs past its time limit to complete the Q-value tails (default: 459 at gamma 0.99; 0 = off)"""
+    output_dir: str = "runs"
+    """where the run directory <algo>__<env-id>__<seed>__<unix-time> is made"""
+    checkpoint_every: int = 10_000
+    """offline gradient steps / online env steps between checkpoints (online: at the next episode end)"""
+    log_every: int = 1_000
+    """steps between TensorBoard scalars (losses are summed on the device in between)"""
+    offline_checkpoint: str | None = None
+    """an offline.pt to start from; skips pretraining"""
+    resume: str | None = None
+    """a run directory whose checkpoint.pt to continue from (its config.json wins over other flags)"""
+    device: str = "auto"
+    """torch device; auto = cuda if available, else cpu"""
+    threads: int = 0
+    """torch CPU threads; 0 keeps torch's default"""
+    compile: bool = False
+    """torch.compile the update functions"""
+    deterministic: bool = False
+    """torch.use_deterministic_algorithms (slower on GPU)"""
+    # ---- Cal-QL on the CQL settings of cql_ft.py (SO2 paper, Table 5 = CORL configs/offline/cql MuJoCo)
+    batch_size: int = 256
+    """batch size, offline and online"""
+    policy_lr: float = 3e-5
+    """actor and temperature learning rate (log alpha starts at 0, target entropy -|A|)"""
+    qf_lr: float = 3e-4
+    """critic learning rate"""
+    gamma: float = 0.99
+    """discount"""
+    tau: float = 5e-3
+    """Polyak rate of the target critics, after every critic step"""
+    q_n_hidden_layers: int = 3
+    """hidden layers of 256 units in each critic (the actor has 3, as in CORL)"""
+    init: Literal["corl-offline", "corl-finetune"] = "corl-offline"
+    """weight init: CORL's offline file (1e-2 output layers) or its fine-tuning file (orthogonal sqrt 2 everywhere)"""
+    normalize_states: bool = True
+    """standardise observations with the dataset's mean and std (kept as buffers inside the networks)"""
+    normalize_reward: bool = False
+    """scale rewards by max_episode_steps / (max - min episode return of the dataset), offline and online (CORL)"""
+    backup_entropy: bool = False
+    """subtract alpha log pi(a'|s') inside the Bellman target"""
+    cql_alpha: float = 10.0
+    """alpha_cql, weight of the conservative penalty, offline and online"""
+    cql_n_actions: int = 10
+    """N, actions drawn per state from each of U(-1, 1), pi(.|s) and pi(.|s') for the penalty and the max-backup"""
+    cql_temp: float = 1.0
+    """T, temperature of the penalty's logsumexp"""
+    cql_max_target_backup: bool = False
+    """Bellman target = max over N samples a' ~ pi(.|s') of min(Q1', Q2')(s', a')"""
+    cql_clip_diff_min: float = -math.inf
+    """lower clip of logsumexp - Q(s, a_data) per state"""
+    cql_clip_diff_max: float = math.inf
+    """upper clip of logsumexp - Q(s, a_data) per state"""
+    calibrate_online: bool = True
+    """keep the calibration online, with online episodes' returns (Cal-QL code); off = CORL"""
+    mixing_ratio: float = 0.5
+    """share of each online batch drawn from the dataset, the rest from the online data (both codes: 0.5)"""
+
+
+# Only what differs from Args; a task id wins over its family.
+ADROIT = dict(online_steps=400_000, cql_alpha=1.0, policy_lr=1e-4, cql_max_target_backup=True,
+              cql_clip_diff_min=-200.0, normalize_states=False, init="corl-finetune")
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "hopper-medium": dict(normalize_reward=True),  # as cql_ft: CORL configs/offline/cql/hopper/medium_v2.yaml
+    "pen": ADROIT,  # CORL configs/finetune/cal_ql/pen/cloned_v1.yaml; Adroit budget, SO2 "Evaluation on Adroit"
+    "door": ADROIT,  # CORL configs/finetune/cal_ql/door/cloned_v1.yaml; Adroit budget
+}
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    """Apply the per-dataset defaults of --env-id first, so that explicit flags win and --help shows them."""
+    argv = sys.argv[1:] if argv is None else argv
+    env_id = Args.env_id
+    for i, token in enumerate(argv):
+        if token.startswith("--env-id=") or token.startswith("--env_id="):
+            env_id = token.split("=", 1)[1]
+        elif token in ("--env-id", "--env_id") and i + 1 < len(argv):
+            env_id = argv[i + 1]
+    overrides = {**DATASET_DEFAULTS.get(env_id.split("-")[0], {}), **DATASET_DEFAULTS.get(env_id, {})}
+    return tyro.cli(Args, args=argv, default=dataclasses.replace(Args(), **overrides))
+
+
+# >>> shared: tasks
+class RunError(Exception):
+    """Bad input or a failed run: the message says what to do, and is printed without a traceback."""
+
+
+MUJOCO_FAMILIES = ("halfcheetah", "hopper", "walker2d")
+ADROIT_FAMILIES = ("pen", "door")
+MUJOCO_DATASETS = ("random", "medium", "medium-replay", "medium-expert", "expert")
+ADROIT_DATASETS = ("human", "cloned", "expert")
+TASK_IDS = tuple(f"{f}-{d}" for f in MUJOCO_FAMILIES for d in MUJOCO_DATASETS) + tuple(
+    f"{f}-{d}" for f in ADROIT_FAMILIES for d in ADROIT_DATASETS
+)
+GYM_NAMES = {"halfcheetah": "HalfCheetah", "hopper": "Hopper", "walker2d": "Walker2d",
+             "pen": "AdroitHandPen", "door": "AdroitHandDoor"}
+# D4RL's episode limits (pen 100 as in D4RL and Minari, although gymnasium-robotics registers 200).
+EPISODE_LIMITS = {"halfcheetah": 1000, "hopper": 1000, "walker2d": 1000, "pen": 100, "door": 200}
+# D4RL's reference returns (d4rl/infos.py), used for every data source so that scores compare across sources.
+REF_RETURNS = {
+    "halfcheetah": (-280.178953, 12135.0),
+    "hopper": (-20.272305, 3234.3),
+    "walker2d": (1.629008, 4592.3),
+    "pen": (96.262799, 3076.8331017826877),
+    "door": (-56.512833, 2880.5693087298737),
+}
+
+
+@dataclass(frozen=True)
+class Task:
+    env_id: str  # as given on the command line
+    family: str | None  # halfcheetah ... door; None for a Gymnasium id of another environment
+    dataset: str | None  # random ... expert; None for a plain Gymnasium id
+    source: str | None  # d4rl, minari or rebuilt; None for a plain Gymnasium id
+    eval_env_id: str
+    max_episode_steps: int
+
+
+def resolve_task(env_id: str, data: str | None, dataset: str | None = None, allow_gym_id: bool = False) -> Task:
+    """Map a task id (or, where allowed, a Gymnasium id) to its data source and evaluation environment.
+
+    D4RL v2 files were collected on the mujoco-py v2 environments, whose dynamics the Gymnasium v4 ones keep; v5
+    changes Walker2d's foot friction and the healthy reward. So d4rl data evaluate on v4, everything else on v5.
+    """
+    if env_id in TASK_IDS:
+        family, name = env_id.split("-", 1)
+        adroit = family in ADROIT_FAMILIES
+        if data is None:
+            data = "minari" if adroit or (dataset is not None and not dataset.endswith((".hdf5", ".h5"))) else "d4rl"
+        if data not in ("d4rl", "minari", "rebuilt"):
+            raise RunError(f"unknown data source {data!r}: use d4rl, minari or rebuilt")
+        version = "v1" if adroit else ("v4" if data == "d4rl" else "v5")
+        return Task(env_id, family, name, data, f"{GYM_NAMES[family]}-{version}", EPISODE_LIMITS[family])
+    if allow_gym_id and env_id in gym.registry:
+        family = next((f for f, g in GYM_NAMES.items() if env_id.startswith(g + "-")), None)
+        limit = gym.registry[env_id].max_episode_steps or 1000
+        return Task(env_id, family, None, None, env_id, EPISODE_LIMITS.get(family, limit))
+    also = " or any registered Gymnasium id (e.g. Hopper-v5)" if allow_gym_id else ""
+    raise RunError(f"unknown --env-id {env_id!r}. Valid task ids{also}:\n  " + "\n  ".join(TASK_IDS))
+
+
+def make_env(task: Task, extend_steps: int = 0) -> gym.Env:
+    """The task's environment with its episode limit, optionally running `extend_steps` past it."""
+    if task.family in ADROIT_FAMILIES:
+        import gymnasium_robotics  # registers the Adroit environments; imported here because it prints a warning
+
+        gym.register_envs(gymnasium_robotics)
+    env = gym.make(task.eval_env_id, max_episode_steps=task.max_episode_steps + extend_steps)
+    if not isinstance(env.action_space, gym.spaces.Box):
+        raise RunError(f"{task.eval_env_id} has a {type(env.action_space).__name__} action space; a Box is needed")
+    if np.any(env.action_space.low != -1.0) or np.any(env.action_space.high != 1.0):
+        env = gym.wrappers.RescaleAction(env, -1.0, 1.0)  # the actor's tanh works in [-1, 1]
+    return env
+# <<< shared: tasks
+
+
+# >>> shared: data
+D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl"
+
+
+def d4rl_url(family: str, dataset: str) -> str:
+    if family in MUJOCO_FAMILIES:
+        return f"{D4RL_URL}/gym_mujoco_v2/{family}_{dataset.replace('-', '_')}-v2.hdf5"
+    return f"{D4RL_URL}/hand_dapg_v1/{family}-{dataset}-v1.hdf5"
+
+
+def d4rl_dir() -> Path:
+    return Path(os.environ.get("D4RL_DATASET_DIR", "~/.d4rl/datasets")).expanduser()
+
+
+def download(url: str, path: Path) -> Path:
+    """Download into `path.part` and rename only once complete, so that a cut-off download is never used."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(path.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as f:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {path.name}") as bar:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+        if total is not None and part.stat().st_size != total:
+            raise OSError(f"got {part.stat().st_size} of {total} bytes")
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
+        raise RunError(
+            f"could not download {url} ({e}).\nThe file is expected at {path} (set $D4RL_DATASET_DIR to use "
+            f"another folder); put it there by hand, or train on data that needs no download: --data rebuilt "
+            f"(built here by benchmark/make_datasets.py) or --dataset PATH_OR_ID."
+        ) from None
+    os.replace(part, path)
+    return path
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_d4rl_file(path: Path) -> dict[str, np.ndarray]:
+    """Transitions of a D4RL-layout HDF5 file with the semantics of d4rl's `qlearning_dataset`.
+
+    Transition i uses observations[i + 1] as its next observation (the files' `next_observations` are ignored, as
+    `qlearning_dataset` does), so time-out steps, whose successor starts a new episode, and the file's last step are
+    dropped. `terminated` = `terminals`; `truncated` marks the last kept step of an episode that did not terminate.
+    """
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise RunError(f"{path} is not a readable HDF5 file ({e}). It was kept as it is; delete it to download "
+                       f"it again, or pass another file with --dataset.") from None
+    with f:
+        missing = [k for k in ("observations", "actions", "rewards", "terminals") if k not in f]
+        if missing:
+            raise RunError(f"{path} lacks the D4RL keys {missing} (it has {sorted(f.keys())}); the file was kept.")
+        try:
+            raw = {k: f[k][()] for k in ("observations", "actions", "rewards", "terminals")}
+            raw["timeouts"] = f["timeouts"][()] if "timeouts" in f else np.zeros(len(raw["rewards"]), dtype=bool)
+        except (OSError, KeyError) as e:
+            raise RunError(f"{path} is truncated or corrupt ({e}); the file was kept.") from None
+    n = len(raw["observations"])
+    lengths = {k: len(v) for k, v in raw.items()}
+    if n < 2 or any(v != n for v in lengths.values()) or raw["observations"].ndim != 2 or raw["actions"].ndim != 2:
+        raise RunError(f"{path} has inconsistent D4RL arrays (lengths {lengths}, observations "
+                       f"{raw['observations'].shape}, actions {raw['actions'].shape}); the file was kept.")
+    timeouts = raw["timeouts"].astype(bool)
+    keep = np.flatnonzero(~timeouts[:-1])
+    terminated = raw["terminals"][keep].astype(bool)
+    next_is_gone = np.append(timeouts[1:-1], True)[keep]  # step i + 1 is a time-out or the dropped last step
+    return {
+        "observations": raw["observations"][keep],
+        "actions": raw["actions"][keep],
+        "rewards": raw["rewards"][keep],
+        "next_observations": raw["observations"][keep + 1],
+        "terminated": terminated,
+        "truncated": next_is_gone & ~terminated,
+    }
+
+
+def load_minari(dataset_id: str, download_missing: bool, hint: str = "") -> tuple[dict[str, np.ndarray], Path]:
+    """Transitions of a Minari dataset: `terminations` end bootstrapping, `truncations` do not."""
+    import minari
+
+    try:
+        ds = minari.load_dataset(dataset_id, download=download_missing)
+    except Exception as e:  # minari raises bare Exceptions/ValueErrors for missing ids and failed downloads
+        root = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
+        raise RunError(f"could not load the Minari dataset {dataset_id!r} from {root} ({e}). {hint}") from None
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in TRANSITION_KEYS}
+    for ep in ds.iterate_episodes():
+        if not isinstance(ep.observations, np.ndarray) or not isinstance(ep.actions, np.ndarray):
+            raise RunError(f"{dataset_id}: only flat Box observations and actions are supported")
+        parts["observations"].append(ep.observations[:-1])
+        parts["next_observations"].append(ep.observations[1:])
+        parts["actions"].append(ep.actions)
+        parts["rewards"].append(ep.rewards)
+        parts["terminated"].append(ep.terminations)
+        truncated = np.asarray(ep.truncations, dtype=bool).copy()
+        truncated[-1] |= not ep.terminations[-1]  # an episode's last step ends it either way
+        parts["truncated"].append(truncated)
+    if not parts["rewards"]:
+        raise RunError(f"the Minari dataset {dataset_id!r} has no episodes")
+    return {k: np.concatenate(v) for k, v in parts.items()}, Path(ds.spec.data_path) / "main_data.hdf5"
+
+
+def load_dataset(task: Task, dataset: str | None) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The task's offline data as float32 transitions, and where it came from (id, path, sha256)."""
+    if dataset is not None and Path(dataset).expanduser().is_file():
+        path = Path(dataset).expanduser()
+        data, ident = load_d4rl_file(path), str(path)
+    elif dataset is not None and dataset.endswith((".hdf5", ".h5")):
+        raise RunError(f"--dataset {dataset}: no such file (give a D4RL-layout HDF5 file or a Minari dataset id)")
+    elif dataset is not None:
+        data, path = load_minari(dataset, download_missing=True)
+        ident = dataset
+    elif task.source == "d4rl":
+        url = d4rl_url(task.family, task.dataset)
+        path = d4rl_dir() / url.rsplit("/", 1)[1]
+        if not path.is_file():
+            download(url, path)
+        data, ident = load_d4rl_file(path), url
+    elif task.source == "minari":
+        ident = f"D4RL/{task.family}/{task.dataset}-v2" if task.family in ADROIT_FAMILIES else None
+        if ident is None:
+            raise RunError(f"Minari has no D4RL {task.env_id} data (its MuJoCo sets are new v5 data): use "
+                           f"--data d4rl, --data rebuilt, or --dataset with a Minari id such as mujoco/hopper/medium-v0")
+        data, path = load_minari(ident, download_missing=True)
+    else:
+        ident = f"o2o-rl/{task.family}/{task.dataset}-v0"
+        hint = (f"Build it with: python benchmark/make_datasets.py --env-id {task.env_id}"
+                if task.env_id != "pen-human" else "pen-human cannot be rebuilt here: use --data minari.")
+        data, path = load_minari(ident, download_missing=False, hint=hint)
+    data = {k: np.asarray(v, dtype=np.float32).reshape(len(v), -1) for k, v in data.items()}
+    for k, v in data.items():
+        if not np.all(np.isfinite(v)):
+            raise RunError(f"{path}: {k} holds non-finite values; the file was kept.")
+    return data, {"dataset": ident, "dataset_path": str(path), "dataset_sha256": sha256(path)}
+
+
+def check_spaces(data: dict[str, np.ndarray], env: gym.Env, name: str) -> None:
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    if data["observations"].shape[1] != obs_dim or data["actions"].shape[1] != act_dim:
+        raise RunError(f"the dataset {name} has observations of size {data['observations'].shape[1]} and actions "
+                       f"of size {data['actions'].shape[1]}, but {env.spec.id} has {obs_dim} and {act_dim}: "
+                       f"pick the dataset of this task, or the task of this dataset.")
+# <<< shared: data
+
+
+# >>> shared: normalization
+def normalized_score(family: str | None, returns: np.ndarray | float) -> np.ndarray | float:
+    """D4RL's normalised score, x100; NaN for environments without reference returns."""
+    if family not in REF_RETURNS:
+        return np.full_like(np.asarray(returns, dtype=np.float64), np.nan)
+    lo, hi = REF_RETURNS[family]
+    return 100.0 * (np.asarray(returns, dtype=np.float64) - lo) / (hi - lo)
+
+
+def moments(x: np.ndarray, eps: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std along the first axis, for standardising observations or rewards."""
+    return x.mean(axis=0), x.std(axis=0) + eps
+# <<< shared: normalization
+
+
+# >>> shared: replay_buffer
+TRANSITION_KEYS = ("observations", "actions", "rewards", "next_observations", "terminated", "truncated")
+
+
+class ReplayBuffer:
+    """Transitions as one preallocated [capacity, width] float tensor on the run's device: a ring buffer.
+
+    The offline dataset goes in first with `load_dataset`; online transitions follow with `add` and, once the buffer
+    is full, overwrite the oldest rows. Sampling uses the buffer's own device generator. `state_dict` holds only the
+    rows added after the dataset (and where they went), so a checkpoint stays small and `load_state_dict`, applied
+    after the same dataset is loaded again, restores the buffer exactly.
+    """
+
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device, seed: int) -> None:
+        widths = {"observations": obs_dim, "actions": act_dim, "rewards": 1, "next_observations": obs_dim,
+                  "terminated": 1, "truncated": 1}
+        self.slices, start = {}, 0
+        for key in TRANSITION_KEYS:
+            self.slices[key] = slice(start, start + widths[key])
+            start += widths[key]
+        self.storage = torch.zeros((capacity, start), dtype=torch.float32, device=device)
+        self.capacity, self.device = capacity, device
+        self.ptr = self.size = self.n_added = self.start_ptr = 0
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+
+    def _write(self, rows: torch.Tensor) -> None:
+        idx = (self.ptr + torch.arange(len(rows), device=self.device)) % self.capacity
+        self.storage[idx] = rows
+        self.ptr = (self.ptr + len(rows)) % self.capacity
+        self.size = min(self.capacity, self.size + len(rows))
+
+    def _rows(self, batch: dict[str, np.ndarray | torch.Tensor]) -> torch.Tensor:
+        cols = [torch.as_tensor(batch[k], dtype=torch.float32).reshape(len(batch["rewards"]), -1)
+                for k in TRANSITION_KEYS]
+        return torch.cat(cols, dim=1).to(self.device)
+
+    def load_dataset(self, data: dict[str, np.ndarray]) -> None:
+        if len(data["rewards"]) > self.capacity:
+            raise RunError(f"{len(data['rewards'])} offline transitions do not fit a buffer of {self.capacity}")
+        self._write(self._rows(data))
+        self.start_ptr = self.ptr
+
+    def add(self, obs: np.ndarray, action: np.ndarray, reward: float, next_obs: np.ndarray,
+            terminated: bool, truncated: bool) -> None:
+        row = np.concatenate([obs, action, [reward], next_obs, [float(terminated)], [float(truncated)]])
+        self._write(torch.as_tensor(row, dtype=torch.float32).to(self.device).unsqueeze(0))
+        self.n_added += 1
+
+    def sample(self, batch_size: int) -> dict[str, torch.Tensor]:
+        idx = torch.randint(self.size, (batch_size,), device=self.device, generator=self.generator)
+        rows = self.storage[idx]
+        return {k: rows[:, s].squeeze(-1) if k in ("rewards", "terminated", "truncated") else rows[:, s] for k, s in self.slices.items()}
+
+    def added(self) -> dict[str, np.ndarray]:
+        """The rows added after the dataset that are still held, oldest first, as numpy arrays."""
+        m = min(self.n_added, self.capacity)
+        idx = (self.start_ptr + torch.arange(self.n_added - m, self.n_added, device=self.device)) % self.capacity
+        rows = self.storage[idx].cpu().numpy()
+        return {k: rows[:, s].squeeze(-1) if k in ("rewards", "terminated", "truncated") else rows[:, s] for k, s in self.slices.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        m = min(self.n_added, self.capacity)
+        idx = (self.start_ptr + torch.arange(self.n_added - m, self.n_added, device=self.device)) % self.capacity
+        return {"rows": self.storage[idx].cpu(), "n_added": self.n_added, "start_ptr": self.start_ptr,
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["start_ptr"] != self.start_ptr:
+            raise RunError("the checkpoint's replay buffer was made with a different dataset")
+        rows, n = state["rows"].to(self.device), state["n_added"]
+        idx = (self.start_ptr + torch.arange(n - len(rows), n, device=self.device)) % self.capacity
+        self.storage[idx] = rows
+        self.n_added, self.ptr = n, (self.start_ptr + n) % self.capacity
+        self.size = min(self.capacity, self.size + n)
+        self.generator.set_state(state["generator"])
+# <<< shared: replay_buffer
+
+
+class MCReplayBuffer(ReplayBuffer):
+    """The shared buffer with one more column, `mc_returns`, the Monte-Carlo return-to-go V_mu(s) of each row. Rows
+    go in as a whole dataset (`load_dataset`) or whole episodes (`add_episode`), dicts that include `mc_returns`,
+    since a return is known only once its episode has ended; `sample` and `state_dict` carry the column."""
+
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device, seed: int) -> None:
+        super().__init__(capacity, obs_dim, act_dim, device, seed)
+        width = self.storage.shape[1]
+        self.slices["mc_returns"] = slice(width, width + 1)
+        self.storage = torch.zeros((capacity, width + 1), dtype=torch.float32, device=device)
+
+    def _rows(self, batch: dict[str, np.ndarray | torch.Tensor]) -> torch.Tensor:
+        mc = torch.as_tensor(batch["mc_returns"], dtype=torch.float32).reshape(-1, 1).to(self.device)
+        return torch.cat([super()._rows(batch), mc], dim=1)
+
+    def add_episode(self, episode: dict[str, np.ndarray]) -> None:
+        self._write(self._rows(episode))
+        self.n_added += len(episode["rewards"])
+
+
+def mc_returns(rewards: np.ndarray, terminated: np.ndarray, ends: np.ndarray, gamma: float) -> np.ndarray:
+    """V_mu: G_t = r_t + gamma (1 - terminated_t) G_{t+1} within an episode, and G = r at its last step (`ends`: a
+    termination, a time-out or the end of the data), so nothing is bootstrapped past it (Cal-QL
+    `calc_return_to_go`, CORL `get_return_to_go`, dense rewards)."""
+    rewards, terminated, ends = (np.asarray(x).ravel() for x in (rewards, terminated, ends))
+    out, g = np.zeros(len(rewards), dtype=np.float64), 0.0
+    for t in range(len(rewards) - 1, -1, -1):
+        g = float(rewards[t]) + (0.0 if terminated[t] or ends[t] else gamma * g)
+        out[t] = g
+    return out
+
+
+# >>> shared: ensemble
+class VectorizedLinear(nn.Module):
+    """N independent linear layers as one batched matmul: weight [N, in, out], bias [N, 1, out]."""
+
+    def __init__(self, in_features: int, out_features: int, n: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n, in_features, out_features))
+        self.bias = nn.Parameter(torch.empty(n, 1, out_features))
+        bound = 1.0 / math.sqrt(in_features)  # nn.Linear's default, drawn for every member
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor, detach: bool = False) -> torch.Tensor:
+        w, b = (self.weight.detach(), self.bias.detach()) if detach else (self.weight, self.bias)
+        return torch.baddbmm(b, x, w)  # [N, B, in] -> [N, B, out]
+
+
+class VectorizedCritic(nn.Module):
+    """An ensemble of N Q-networks on concat(s, a), evaluated in one pass; returns Q of shape [N, B]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, n_critics: int, hidden: int = 256, n_layers: int = 3,
+                 edac_init: bool = True) -> None:
+        super().__init__()
+        dims = [obs_dim + act_dim] + [hidden] * n_layers + [1]
+        self.layers = nn.ModuleList(VectorizedLinear(i, o, n_critics) for i, o in zip(dims[:-1], dims[1:]))
+        self.n_critics = n_critics
+        if edac_init:  # EDAC/rlkit: hidden biases 0.1, last layer U(-3e-3, 3e-3)
+            for layer in self.layers[:-1]:
+                nn.init.constant_(layer.bias, 0.1)
+            nn.init.uniform_(self.layers[-1].weight, -3e-3, 3e-3)
+            nn.init.uniform_(self.layers[-1].bias, -3e-3, 3e-3)
+
+    def forward(self, obs: torch.Tensor, action: torch.Tensor, detach: bool = False) -> torch.Tensor:
+        """`detach` keeps the critic's weights out of the graph (actor losses need no critic gradients)."""
+        x = torch.cat([obs, action], dim=-1)
+        if x.dim() == 2:
+            x = x.unsqueeze(0).expand(self.n_critics, -1, -1)  # [N, B, in]
+        for layer in self.layers[:-1]:
+            x = torch.relu(layer(x, detach))
+        return self.layers[-1](x, detach).squeeze(-1)
+# <<< shared: ensemble
+
+
+# ---- networks
+class Actor(nn.Module):
+    """CORL's TanhGaussianPolicy: s -> 3 x 256 ReLU -> (mu, l); log_sigma = m * l + b with learned scalars m, b
+    (1 and -1 at init), clamped to [-20, 2]; a = tanh(u), u ~ N(mu, sigma^2), with the exact tanh log-density.
+    Observations are standardised inside, with statistics kept as buffers, so `act` takes raw observations."""
+
+    def __init__(self, obs_dim: int, act_dim: int, obs_mean: torch.Tensor, obs_std: torch.Tensor,
+                 hidden: int = 256, n_layers: int = 3) -> None:
+        super().__init__()
+        dims = [obs_dim] + [hidden] * n_layers
+        layers = [m for i, o in zip(dims[:-1], dims[1:]) for m in (nn.Linear(i, o), nn.ReLU())]
+        self.net = nn.Sequential(*layers, nn.Linear(hidden, 2 * act_dim))
+        self.log_std_multiplier = nn.Parameter(torch.tensor(1.0))
+        self.log_std_offset = nn.Parameter(torch.tensor(-1.0))
+        self.register_buffer("obs_mean", obs_mean)
+        self.register_buffer("obs_std", obs_std)
+
+    def forward(self, obs: torch.Tensor, deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """An action in [-1, 1] for every row of obs [..., obs_dim], and its log-density [...]."""
+        mu, log_std = self.net((obs - self.obs_mean) / self.obs_std).chunk(2, dim=-1)
+        log_std = (self.log_std_multiplier * log_std + self.log_std_offset).clamp(-20.0, 2.0)
+        eps = torch.zeros_like(mu) if deterministic else torch.randn_like(mu)
+        u = mu + log_std.exp() * eps
+        log_prob = (-0.5 * eps.pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        # log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u)), exact where tanh saturates (torch's TanhTransform)
+        log_prob = log_prob - (2.0 * (math.log(2.0) - u - nn.functional.softplus(-2.0 * u))).sum(-1)
+        return torch.tanh(u), log_prob
+
+    @torch.no_grad()
+    def act(self, obs: np.ndarray, deterministic: bool) -> np.ndarray:
+        action, _ = self(torch.as_tensor(obs, dtype=torch.float32, device=self.obs_mean.device), deterministic)
+        return action.cpu().numpy()
+
+
+class Critic(VectorizedCritic):
+    """The twin critics (N = 2, one vectorised layer) on standardised observations; Q of shape [2, B]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, n_layers: int, obs_mean: torch.Tensor, obs_std: torch.Tensor
+                 ) -> None:
+        super().__init__(obs_dim, act_dim, 2, n_layers=n_layers, edac_init=False)
+        self.register_buffer("obs_mean", obs_mean)
+        self.register_buffer("obs_std", obs_std)
+
+    def forward(self, obs: torch.Tensor, action: torch.Tensor, detach: bool = False) -> torch.Tensor:
+        return super().forward((obs - self.obs_mean) / self.obs_std, action, detach)
+
+
+@torch.no_grad()
+def init_weights(actor: Actor, critic: Critic, scheme: str) -> None:
+    """CORL's init, all biases 0. corl-finetune: orthogonal gain sqrt 2 on every layer; corl-offline: critics
+    orthogonal sqrt 2 with an orthogonal 1e-2 output layer, actor PyTorch's default with a xavier 1e-2 output layer."""
+    finetune = scheme == "corl-finetune"
+    for k, layer in enumerate(critic.layers):
+        gain = math.sqrt(2) if finetune or k < len(critic.layers) - 1 else 1e-2
+        for w in layer.weight:  # each member's [in, out] matrix
+            nn.init.orthogonal_(w, gain=gain)
+        nn.init.zeros_(layer.bias)
+    linears = [m for m in actor.net if isinstance(m, nn.Linear)]
+    for m in linears if finetune else linears[-1:]:
+        if finetune:
+            nn.init.orthogonal_(m.weight, gain=math.sqrt(2))
+        else:
+            nn.init.xavier_uniform_(m.weight, gain=1e-2)
+        nn.init.zeros_(m.bias)
+
+
+@dataclass
+class Agent:
+    actor: Actor
+    critic: Critic
+    critic_target: Critic
+    log_alpha: torch.Tensor  # [] SAC temperature, learned in both phases
+
+
+# ---- losses and updates
+@torch.no_grad()
+def polyak(target: nn.Module, source: nn.Module, tau: float) -> None:
+    torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
+
+
+def q_of_samples(critic: Critic, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """Q of K actions per state in one pass: obs [B, D], actions [B, K, A] -> [N, B, K]."""
+    b, k, _ = actions.shape
+    obs = obs.unsqueeze(1).expand(-1, k, -1).reshape(b * k, -1)
+    return critic(obs, actions.reshape(b * k, -1)).view(-1, b, k)
+
+
+def cql_penalty(q_data: torch.Tensor, q_rand: torch.Tensor, q_next: torch.Tensor, q_cur: torch.Tensor,
+                log_pi_next: torch.Tensor, log_pi_cur: torch.Tensor, act_dim: int, temp: float, clip_min: float,
+                clip_max: float) -> torch.Tensor:
+    """CQL(H) with importance sampling, per critic [N]: mean over states of clip(T logsumexp_k(x_k / T) - Q(s, a_data))
+    over the 3K entries x = Q(s, a_rand) - log U(a_rand) (U = 0.5^|A| on [-1, 1]^|A|), Q(s, a_next) - log pi(a_next|s')
+    and Q(s, a_cur) - log pi(a_cur|s). q_data [N, B]; q_* [N, B, K], all scored at s (CORL); log_pi_* [B, K]."""
+    x = torch.cat([q_rand - act_dim * math.log(0.5), q_next - log_pi_next, q_cur - log_pi_cur], dim=-1)
+    ood = temp * torch.logsumexp(x / temp, dim=-1)  # [N, B]
+    return (ood - q_data).clamp(clip_min, clip_max).mean(dim=1)
+
+
+def calibrate(q: torch.Tensor, mc_return: torch.Tensor) -> torch.Tensor:
+    """Cal-QL's bound on the Q-values of policy actions: max(Q(s, a_k), V_mu(s)); q [N, B, K], mc_return [B]."""
+    return torch.maximum(q, mc_return.view(1, -1, 1))
+
+
+@torch.no_grad()
+def bellman_target(agent: Agent, batch: dict[str, torch.Tensor], alpha: torch.Tensor, gamma: float,
+                   n_max: int, backup_entropy: bool) -> torch.Tensor:
+    """y = r + gamma (1 - terminated) min(Q1', Q2')(s', a'), a' ~ pi(.|s'); with n_max > 0 the max over n_max
+    samples (CQL's max-backup, keeping the argmax's log-prob); minus alpha log pi(a'|s') if backup_entropy. [B]"""
+    next_obs = batch["next_observations"]
+    if n_max:
+        next_action, next_log_pi = agent.actor(next_obs.unsqueeze(1).expand(-1, n_max, -1))  # [B, K, A], [B, K]
+        q_next, best = q_of_samples(agent.critic_target, next_obs, next_action).min(dim=0).values.max(dim=1)
+        next_log_pi = next_log_pi.gather(1, best.unsqueeze(1)).squeeze(1)
+    else:
+        next_action, next_log_pi = agent.actor(next_obs)
+        q_next = agent.critic_target(next_obs, next_action).min(dim=0).values
+    if backup_entropy:
+        q_next = q_next - alpha * next_log_pi
+    return batch["rewards"] + gamma * (1.0 - batch["terminated"]) * q_next
+
+
+@torch.no_grad()
+def penalty_actions(actor: Actor, obs: torch.Tensor, next_obs: torch.Tensor, k: int, act_dim: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The penalty's actions per state, [B, 3K, A] = K uniform, K from pi(.|s), K from pi(.|s'), and the log-densities
+    [B, K] of the last two; detached, as in CORL."""
+    a_rand = torch.rand(obs.shape[0], k, act_dim, device=obs.device) * 2 - 1
+    a_cur, log_pi_cur = actor(obs.unsqueeze(1).expand(-1, k, -1))
+    a_next, log_pi_next = actor(next_obs.unsqueeze(1).expand(-1, k, -1))
+    return torch.cat([a_rand, a_cur, a_next], dim=1), log_pi_cur, log_pi_next
+
+
+def make_update_fns(agent: Agent, args: Args, act_dim: int
+                    ) -> tuple[Callable[..., dict[str, torch.Tensor]], Callable[..., dict[str, torch.Tensor]],
+                               dict[str, Any]]:
+    """The offline and the online update (the online one calibrated only with --calibrate-online), sharing
+    optimisers. Each computes the temperature, actor and critic losses from the current parameters, then steps all
+    three and Polyak-averages the target critics (CORL's order)."""
+    actor_optim = torch.optim.Adam(agent.actor.parameters(), lr=args.policy_lr)
+    critic_optim = torch.optim.Adam(agent.critic.parameters(), lr=args.qf_lr)
+    alpha_optim = torch.optim.Adam([agent.log_alpha], lr=args.policy_lr)
+    optims = {"actor_optim": actor_optim, "critic_optim": critic_optim, "alpha_optim": alpha_optim}
+    gamma, tau, k, temp, target_entropy = args.gamma, args.tau, args.cql_n_actions, args.cql_temp, -float(act_dim)
+    cql_alpha = args.cql_alpha
+    clip, backup_entropy = (args.cql_clip_diff_min, args.cql_clip_diff_max), args.backup_entropy
+    n_max = k if args.cql_max_target_backup else 0
+
+    def make(calibrated: bool) -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+        def update(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            obs = batch["observations"]
+            action, log_pi = agent.actor(obs)
+            alpha_loss = -(agent.log_alpha * (log_pi.detach() + target_entropy)).mean()
+            alpha = agent.log_alpha.detach().exp()
+            actor_loss = (alpha * log_pi - agent.critic(obs, action, detach=True).min(dim=0).values).mean()
+
+            y = bellman_target(agent, batch, alpha, gamma, n_max, backup_entropy)
+            q = agent.critic(obs, batch["actions"])  # [2, B]
+            td_loss = (q - y).pow(2).mean(dim=1).sum()
+            ood_actions, log_pi_cur, log_pi_next = penalty_actions(agent.actor, obs, batch["next_observations"], k,
+                                                                   act_dim)
+            q_rand, q_cur, q_next = q_of_samples(agent.critic, obs, ood_actions).split(k, dim=-1)
+            mc_return = batch["mc_returns"].view(-1)
+            bound_rate = (torch.cat([q_cur, q_next], dim=-1).detach() < mc_return.view(1, -1, 1)).float().mean()
+            if calibrated:  # before the importance weights are subtracted, as both codes do
+                q_cur, q_next = calibrate(q_cur, mc_return), calibrate(q_next, mc_return)
+            diff = cql_penalty(q, q_rand, q_next, q_cur, log_pi_next, log_pi_cur, act_dim, temp, *clip)
+            critic_loss = td_loss + cql_alpha * diff.sum()
+
+            # The losses touch disjoint parameters (the actor's sees the critic's weights detached, the critic's sees
+            # detached policy samples), so one backward gives each optimiser exactly its own loss's gradient.
+            for optim in optims.values():
+                optim.zero_grad(set_to_none=True)
+            (alpha_loss + actor_loss + critic_loss).backward()
+            for optim in optims.values():
+                optim.step()
+            polyak(agent.critic_target, agent.critic, tau)
+            return {"loss/critic": critic_loss.detach(), "loss/td": td_loss.detach(), "loss/actor": actor_loss.detach(),
+                    "loss/alpha": alpha_loss.detach(), "alpha": alpha, "entropy": -log_pi.detach().mean(),
+                    "q/mean": q.detach().mean(), "loss/cql_diff": diff.detach().mean(), "q/bound_rate": bound_rate}
+
+        return update
+
+    return make(True), make(args.calibrate_online), optims
+
+
+# >>> shared: q_diagnostics
+def q_horizon(gamma: float) -> int:
+    """H, the smallest number of steps with gamma^H < 0.01: the tail a Monte-Carlo Q needs (459 at 0.99)."""
+    return math.ceil(math.log(0.01) / math.log(gamma))
+
+
+def discounted_returns(rewards: np.ndarray, gamma: float) -> np.ndarray:
+    out, running = np.zeros(len(rewards), dtype=np.float64), 0.0
+    for t in range(len(rewards) - 1, -1, -1):
+        running = rewards[t] + gamma * running
+        out[t] = running
+    return out
+
+
+def windowed_kendall_tau(q_est: np.ndarray, q_true: np.ndarray, window: int = 10) -> np.ndarray:
+    """Kendall's tau-b (scipy.stats.kendalltau's default) of every `window` consecutive pairs, stride 1, at once;
+    NaN where it is undefined (all values in a window tied)."""
+    if len(q_est) < window:
+        return np.zeros(0)
+    x = np.lib.stride_tricks.sliding_window_view(q_est, window)  # [W, window]
+    y = np.lib.stride_tricks.sliding_window_view(q_true, window)
+    i, j = np.triu_indices(window, k=1)
+    sx, sy = np.sign(x[:, i] - x[:, j]), np.sign(y[:, i] - y[:, j])
+    n_pairs = len(i)
+    denom = np.sqrt((n_pairs - (sx == 0).sum(1)) * (n_pairs - (sy == 0).sum(1)).astype(np.float64))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, (sx * sy).sum(1) / denom, np.nan)
+
+
+def q_diagnostics(episodes: list[dict[str, np.ndarray]], limit: int, horizon: int, gamma: float,
+                  window: int = 10) -> dict[str, float]:
+    """Normalised difference and windowed Kendall's tau of Q_est against Monte-Carlo Q_true.
+
+    Each episode holds `q_est`, `rewards` (as the critic sees them) and `terminated`. Step t < limit is scored if the
+    episode terminated or at least `horizon` rewards follow from t on (T - t >= horizon), so Q_true's missing tail
+    weighs less than 1%. normalised difference = mean of (Q_est - Q_true) / |Q_true| over scored steps with
+    |Q_true| >= 1e-3; tau = mean over windows of `window` consecutive scored steps of all episodes.
+    """
+    diffs, taus, scored_steps = [], [], 0
+    for ep in episodes:
+        q_true = discounted_returns(ep["rewards"], gamma)
+        t = np.arange(len(q_true))
+        scored = (t < limit) & (bool(ep["terminated"]) | (len(q_true) - t >= horizon))
+        q_est, q_true = ep["q_est"][scored].astype(np.float64), q_true[scored]
+        scored_steps += int(scored.sum())
+        ok = np.abs(q_true) >= 1e-3
+        diffs.append((q_est[ok] - q_true[ok]) / np.abs(q_true[ok]))
+        taus.append(windowed_kendall_tau(q_est, q_true, window))
+    diffs, taus = np.concatenate(diffs), np.concatenate(taus)
+    taus = taus[~np.isnan(taus)]
+    return {"q_normalized_difference": float(diffs.mean()) if len(diffs) else float("nan"),
+            "q_kendall_tau": float(taus.mean()) if len(taus) else float("nan"),
+            "q_scored_steps": scored_steps}
+# <<< shared: q_diagnostics
+
+
+# >>> shared: evaluation
+@torch.no_grad()
+def evaluate(env: gym.Env, actor: nn.Module, q_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+             n_episodes: int, seed: int, limit: int, family: str | None, gamma: float, horizon: int,
+             reward_fn: Callable[[np.ndarray], np.ndarray]) -> dict[str, float]:
+    """Deterministic episodes (episode i starts from `seed + i`), their returns over the first `limit` steps, the
+    normalised score, and the Q diagnostics on every step, with episodes run on past `limit` when `env` allows."""
+    returns, episodes = [], []
+    device = next(actor.parameters()).device
+    for i in range(n_episodes):
+        obs, _ = env.reset(seed=seed + i)
+        observations, actions, rewards, terminated, truncated = [], [], [], False, False
+        while not (terminated or truncated):
+            action = actor.act(obs, deterministic=True)
+            observations.append(obs)
+            actions.append(action)
+            obs, reward, terminated, truncated, _ = env.step(action)
+            rewards.append(reward)
+        rewards = np.asarray(rewards, dtype=np.float64)
+        returns.append(rewards[:limit].sum())
+        obs_t = torch.as_tensor(np.asarray(observations), dtype=torch.float32, device=device)
+        act_t = torch.as_tensor(np.asarray(actions), dtype=torch.float32, device=device)
+        episodes.append({"q_est": q_fn(obs_t, act_t).cpu().numpy(), "rewards": reward_fn(rewards),
+                         "terminated": terminated})
+    returns = np.asarray(returns)
+    return {"return_mean": float(returns.mean()), "return_std": float(returns.std()),
+            "normalized_score": float(normalized_score(family, returns.mean())),
+            **q_diagnostics(episodes, limit, horizon, gamma)}
+# <<< shared: evaluation
+
+
+# >>> shared: logging
+def choose_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+        torch.zeros(1, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise RunError(f"cannot use --device {name} ({e}); try --device cpu") from None
+    return device
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0]}
+    for name in ("torch", "numpy", "gymnasium", "mujoco", "gymnasium-robotics", "minari", "h5py", "tyro"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else \
+        platform.processor()
+    return f"{model} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def write_json(path: Path, obj: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+class Logger:
+    """TensorBoard scalars, `eval.jsonl` rows and a progress bar.
+
+    Training metrics are 0-d device tensors summed on the device; `flush` moves them to the host once per
+    `log_every` steps and stops the run if any is not finite, before a checkpoint could store the damage.
+    """
+
+    def __init__(self, run_dir: Path, n_eval_rows: int = 0) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.run_dir, self.writer = run_dir, SummaryWriter(str(run_dir))
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}  # per metric: update functions may run at different rates
+        self.n_eval_rows, self.last_step, self.last_time = n_eval_rows, 0, time.perf_counter()
+        self.bar: tqdm | None = None
+        self.phase = "train"
+        path = run_dir / "eval.jsonl"
+        if path.exists():  # on resume, drop rows written after the checkpoint the run continues from
+            rows = path.read_text().splitlines()[:n_eval_rows]
+            path.write_text("".join(r + "\n" for r in rows))
+
+    def progress(self, total: int, initial: int, desc: str) -> None:
+        """Start the progress bar of a phase; `desc` (offline/online) also prefixes its TensorBoard tags."""
+        if self.bar is not None:
+            self.bar.close()
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, mininterval=2.0)
+        self.phase, self.last_step, self.last_time = desc, initial, time.perf_counter()
+
+    def accumulate(self, metrics: dict[str, torch.Tensor]) -> None:
+        for k, v in metrics.items():
+            self.sums[k] = self.sums[k] + v if k in self.sums else v.detach().clone()
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def flush(self, step: int) -> None:
+        if not self.sums:
+            return
+        keys = list(self.sums)
+        values = torch.stack([self.sums[k].float() for k in keys]).cpu().numpy() / [self.counts[k] for k in keys]
+        bad = [k for k, v in zip(keys, values) if not np.isfinite(v)]
+        if bad:
+            raise RunError(f"non-finite {', '.join(bad)} before step {step}; the run stopped. The last "
+                           f"checkpoint.pt in {self.run_dir} is from before this and can be resumed with other "
+                           f"settings (e.g. a lower learning rate).")
+        for k, v in zip(keys, values):  # offline steps count gradient steps, online ones env steps
+            self.writer.add_scalar(f"{self.phase}/{k}", v, step)
+        now = time.perf_counter()
+        rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
+        self.writer.add_scalar(f"{self.phase}/steps_per_second", rate, step)
+        self.sums, self.counts, self.last_step, self.last_time = {}, {}, step, now
+
+    def eval_row(self, row: dict[str, Any]) -> None:
+        with open(self.run_dir / "eval.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.n_eval_rows += 1
+        step = row["grad_step"] if row["phase"] == "offline" else row["env_step"]
+        for k, v in row.items():
+            if isinstance(v, (int, float)) and k not in ("env_step", "grad_step"):
+                self.writer.add_scalar(f"eval_{row['phase']}/{k}", v, step)
+        line = (f"[{row['phase']}] env_step {row['env_step']} grad_step {row['grad_step']}: return "
+                f"{row['return_mean']:.1f} +- {row['return_std']:.1f}, score {row['normalized_score']:.1f}, "
+                f"Q diff {row['q_normalized_difference']:.3f}, tau {row['q_kendall_tau']:.3f}")
+        if self.bar is not None:
+            self.bar.set_postfix(score=f"{row['normalized_score']:.1f}")
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.writer.close()
+# <<< shared: logging
+
+
+# >>> shared: checkpoint
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+
+
+def rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def state_of(objects: dict[str, Any]) -> dict[str, Any]:
+    """Everything with a `state_dict` is saved through it, tensors and plain values as they are."""
+    return {k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in objects.items()}
+
+
+def restore(objects: dict[str, Any], saved: dict[str, Any]) -> None:
+    for k, v in objects.items():
+        if hasattr(v, "load_state_dict"):
+            v.load_state_dict(saved[k])
+        elif isinstance(v, torch.Tensor):
+            with torch.no_grad():
+                v.copy_(saved[k])
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Write to a temporary file and rename, so that a run killed while saving keeps its previous checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
+    if not path.is_file():
+        raise RunError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # torch raises several types for truncated or foreign files
+        raise RunError(f"{path} is not a readable checkpoint ({e}); it was kept as it is.") from None
+
+
+def new_run_dir(output_dir: str, algo: str, env_id: str, seed: int) -> Path:
+    name = f"{algo}__{env_id.replace('/', '_')}__{seed}__{int(time.time())}"
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    for suffix in ("", *(f"-{i}" for i in range(1, 100))):  # two runs started in the same second
+        try:
+            (Path(output_dir) / (name + suffix)).mkdir()
+            return Path(output_dir) / (name + suffix)
+        except FileExistsError:
+            continue
+    raise RunError(f"could not make a new run directory {name} in {output_dir}")
+
+
+def resumed_args(cls: type, run_dir: Path) -> Any:
+    """The arguments a run was started with, from its config.json."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise RunError(f"--resume {run_dir}: no config.json there; pass a run directory made by this script")
+    saved = json.loads(path.read_text())["args"]
+    return cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls) if f.name in saved})
+# <<< shared: checkpoint
+
+
+# ---- training loops
+def reward_scale(data: dict[str, np.ndarray], max_episode_steps: int) -> float:
+    """CORL's locomotion reward normalisation: max_episode_steps / (max - min) over the dataset's episode returns."""
+    ends = (data["terminated"] + data["truncated"]).ravel() > 0
+    starts = np.concatenate([[0], np.flatnonzero(ends[:-1]) + 1])
+    returns = np.add.reduceat(data["rewards"].ravel().astype(np.float64), starts)
+    if returns.max() == returns.min():
+        raise RunError("--normalize-reward needs dataset episodes with different returns; pass --no-normalize-reward")
+    return max_episode_steps / float(returns.max() - returns.min())
+
+
+def dataset_mc_returns(data: dict[str, np.ndarray], gamma: float) -> np.ndarray:
+    """V_mu of every dataset row, on the rewards the critic sees; an episode ends where the data flag terminated or
+    truncated (the loaders flag every episode's last kept step) or at the end of the data."""
+    ends = (data["terminated"] + data["truncated"]).ravel() > 0
+    ends[-1] = True
+    return mc_returns(data["rewards"], data["terminated"], ends, gamma)
+
+
+def sample(buffers: dict[str, MCReplayBuffer], batch_size: int, n_offline: int) -> dict[str, torch.Tensor]:
+    """n_offline rows from the dataset and the rest from the online data, stacked (both codes)."""
+    off, on = buffers["offline"].sample(n_offline), buffers["online"].sample(batch_size - n_offline)
+    return {k: torch.cat([off[k], on[k]]) for k in off}
+
+
+def episode_rows(steps: list[tuple], gamma: float) -> dict[str, np.ndarray]:
+    """An online episode's transitions as buffer columns with their returns; its last step ends it, whether the env
+    terminated, truncated, or the budget ran out."""
+    rows = {k: np.asarray(v, dtype=np.float32) for k, v in zip(TRANSITION_KEYS, zip(*steps))}
+    ends = np.arange(len(steps)) == len(steps) - 1
+    return {**rows, "mc_returns": mc_returns(rows["rewards"], rows["terminated"], ends, gamma)}
+
+
+def train_offline(args: Args, agent: Agent, buffer: MCReplayBuffer, update: Callable, optims: dict[str, Any],
+                  ctx: dict[str, Any], logger: Logger, start: int) -> None:
+    run_dir, evaluate_now = ctx["run_dir"], ctx["evaluate"]
+    logger.progress(args.offline_steps, start, "offline")
+    for step in range(start + 1, args.offline_steps + 1):
+        logger.accumulate(update(buffer.sample(args.batch_size)))
+        if step % args.log_every == 0 or step == args.offline_steps:
+            logger.flush(step)
+        if step % args.offline_eval_every == 0 or step == args.offline_steps:
+            logger.eval_row({"phase": "offline", "env_step": 0, "grad_step": step, **evaluate_now()})
+        if step % args.checkpoint_every == 0 and step < args.offline_steps:
+            logger.flush(step)
+            save_checkpoint(run_dir / "checkpoint.pt", {
+                "phase": "offline", "grad_step": step, "n_eval_rows": logger.n_eval_rows, "rng": rng_state(),
+                "agent": state_of(vars(agent)), "optims": state_of(optims), "buffer": buffer.state_dict()})
+        logger.bar.update(1)
+    # The optimiser states travel too, so that fine-tuning from offline.pt continues them as an unbroken run does.
+    save_checkpoint(run_dir / "offline.pt", {"agent": state_of(vars(agent)), "optims": state_of(optims),
+                                              "env_id": args.env_id, "dataset": ctx["dataset_info"]})
+
+
+def train_online(args: Args, agent: Agent, buffers: dict[str, MCReplayBuffer], update: Callable,
+                 optims: dict[str, Any], ctx: dict[str, Any], logger: Logger, resume: dict[str, Any] | None
+                 ) -> None:
+    """Cal-QL code's schedule: a whole episode with the stochastic policy, its returns, then as many updates as it
+    had steps; no warm-up. Checkpoints fall at episode ends, after the updates, so nothing is pending in them."""
+    env, run_dir, evaluate_now, reward_fn = ctx["env"], ctx["run_dir"], ctx["evaluate"], ctx["reward_fn"]
+    n_offline = int(args.batch_size * args.mixing_ratio)
+    env_step, grad_step = (resume["env_step"], resume["grad_step"]) if resume else (0, ctx["offline_grad_steps"])
+    env.reset(seed=args.seed)
+    if resume:  # checkpoints are taken at episode ends, so the env only needs its generator back
+        env.unwrapped.np_random.bit_generator.state = resume["env_rng"]
+    obs, _ = env.reset()
+    next_checkpoint = (env_step // args.checkpoint_every + 1) * args.checkpoint_every
+    logger.progress(args.online_steps, env_step, "online")
+    steps: list[tuple] = []
+    while env_step < args.online_steps:
+        if env_step % args.eval_every == 0:
+            logger.eval_row({"phase": "online", "env_step": env_step, "grad_step": grad_step, **evaluate_now()})
+        action = agent.actor.act(obs, deterministic=False)
+        next_obs, reward, terminated, truncated, _ = env.step(action)
+        steps.append((obs, action, reward_fn(np.float64(reward)), next_obs, terminated, truncated))
+        env_step += 1
+        obs = next_obs
+        if terminated or truncated or env_step == args.online_steps:
+            buffers["online"].add_episode(episode_rows(steps, args.gamma))
+            for _ in steps:
+                logger.accumulate(update(sample(buffers, args.batch_size, n_offline)))
+            grad_step, steps = grad_step + len(steps), []
+            if env_step >= next_checkpoint:
+                logger.flush(env_step)
+                save_checkpoint(run_dir / "checkpoint.pt", {
+                    "phase": "online", "env_step": env_step, "grad_step": grad_step,
+                    "n_eval_rows": logger.n_eval_rows, "rng": rng_state(),
+                    "env_rng": env.unwrapped.np_random.bit_generator.state, "agent": state_of(vars(agent)),
+                    "optims": state_of(optims), "buffers": {k: b.state_dict() for k, b in buffers.items()}})
+                next_checkpoint = (env_step // args.checkpoint_every + 1) * args.checkpoint_every
+            obs, _ = env.reset()
+        if env_step % args.log_every == 0:
+            logger.flush(env_step)
+        logger.bar.update(1)
+    logger.flush(env_step)
+    logger.eval_row({"phase": "online", "env_step": env_step, "grad_step": grad_step, **evaluate_now()})
+    save_checkpoint(run_dir / "checkpoint.pt", {
+        "phase": "done", "env_step": env_step, "grad_step": grad_step, "n_eval_rows": logger.n_eval_rows,
+        "agent": state_of(vars(agent)), "optims": state_of(optims)})
+
+
+def main(args: Args) -> Path:
+    resume_dir = Path(args.resume) if args.resume else None
+    if resume_dir:
+        args = resumed_args(Args, resume_dir)
+    if not 0.0 < args.mixing_ratio < 1.0:
+        raise RunError("--mixing-ratio must lie strictly between 0 and 1")
+    task = resolve_task(args.env_id, args.data, args.dataset)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = choose_device(args.device)
+    seed_everything(args.seed, args.deterministic)
+    env = make_env(task)
+    data, dataset_info = load_dataset(task, args.dataset)
+    check_spaces(data, env, dataset_info["dataset"])
+    eval_env = make_env(task, q_horizon(args.gamma) if args.q_diag_extend_steps is None else args.q_diag_extend_steps)
+
+    scale = reward_scale(data, task.max_episode_steps) if args.normalize_reward else 1.0
+    reward_fn = lambda r: r * scale  # noqa: E731
+    data["rewards"] = reward_fn(data["rewards"])
+    data["mc_returns"] = dataset_mc_returns(data, args.gamma)
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    mean, std = moments(data["observations"]) if args.normalize_states else (np.zeros(obs_dim), np.ones(obs_dim))
+    mean, std = (torch.as_tensor(x, dtype=torch.float32, device=device) for x in (mean, std))
+    actor = Actor(obs_dim, act_dim, mean, std).to(device)
+    critic = Critic(obs_dim, act_dim, args.q_n_hidden_layers, mean, std).to(device)
+    init_weights(actor, critic, args.init)
+    agent = Agent(actor, critic, Critic(obs_dim, act_dim, args.q_n_hidden_layers, mean, std).to(device),
+                  torch.zeros((), device=device, requires_grad=True))
+    agent.critic_target.load_state_dict(critic.state_dict())
+    offline_update, online_update, optims = make_update_fns(agent, args, act_dim)
+    n_data = len(data["rewards"])
+
+    if resume_dir:
+        run_dir, ckpt = resume_dir, load_checkpoint(resume_dir / "checkpoint.pt", device)
+        set_rng_state(ckpt["rng"]) if "rng" in ckpt else None
+    else:
+        ckpt = None
+        run_dir = new_run_dir(args.output_dir, ALGO, args.env_id, args.seed)
+        write_json(run_dir / "config.json", {
+            "algo": ALGO, "args": dataclasses.asdict(args), **dataset_info, "eval_env_id": task.eval_env_id,
+            "max_episode_steps": task.max_episode_steps, "device": str(device), "device_name": device_name(device),
+            "packages": package_versions(), "command": " ".join(sys.argv)})
+    if ckpt is not None and ckpt["phase"] == "done":
+        print(f"{run_dir} has already finished")
+        return run_dir
+    logger = Logger(run_dir, ckpt["n_eval_rows"] if ckpt else 0)
+    horizon = q_horizon(args.gamma)
+    ctx = {"run_dir": run_dir, "env": env, "reward_fn": reward_fn, "dataset_info": dataset_info,
+           "evaluate": lambda: {**evaluate(eval_env, agent.actor, lambda s, a: agent.critic(s, a).min(0).values,
+                                           args.eval_episodes, 100_000 * (args.seed + 1), task.max_episode_steps,
+                                           task.family, args.gamma, horizon, reward_fn),
+                                "wall_time": time.time()}}
+    compile_fn = torch.compile if args.compile else (lambda f: f)
+    print(f"{ALGO} on {task.env_id}: {n_data} transitions from {dataset_info['dataset']}, evaluated on "
+          f"{task.eval_env_id}, device {device}; run directory {run_dir}")
+
+    phase = ckpt["phase"] if ckpt else ("online" if args.offline_checkpoint else "offline")
+    if phase == "offline":
+        buffer = MCReplayBuffer(n_data, obs_dim, act_dim, device, args.seed)
+        buffer.load_dataset(data)
+        start = 0
+        if ckpt:
+            restore(vars(agent), ckpt["agent"])
+            restore(optims, ckpt["optims"])
+            buffer.load_state_dict(ckpt["buffer"])
+            start = ckpt["grad_step"]
+        train_offline(args, agent, buffer, compile_fn(offline_update), optims, ctx, logger, start)
+        ckpt = None
+    elif args.offline_checkpoint and not ckpt:
+        offline = load_checkpoint(Path(args.offline_checkpoint), device)
+        try:
+            restore(vars(agent), offline["agent"])
+            restore(optims, offline["optims"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise RunError(f"{args.offline_checkpoint} does not fit these networks ({e}); pass the "
+                           f"--q-n-hidden-layers it was trained with") from None
+
+    ctx["offline_grad_steps"] = 0 if args.offline_checkpoint else args.offline_steps
+    buffers = {"online": MCReplayBuffer(args.online_steps, obs_dim, act_dim, device, args.seed + 1),
+               "offline": MCReplayBuffer(n_data, obs_dim, act_dim, device, args.seed + 2)}
+    buffers["offline"].load_dataset(data)
+    if ckpt:
+        restore(vars(agent), ckpt["agent"])
+        restore(optims, ckpt["optims"])
+        for k, b in buffers.items():
+            b.load_state_dict(ckpt["buffers"][k])
+    train_online(args, agent, buffers, compile_fn(online_update), optims, ctx, logger, ckpt)
+    logger.close()
+    return run_dir
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except RunError as e:
+        sys.exit(f"error: {e}")
