@@ -634,6 +634,11 @@ def bellman_target(actor: TanhGaussianActor, critic_target: VectorizedCritic, ba
     return batch["rewards"] + gamma * (1.0 - batch["terminated"]) * (q_next - alpha * next_log_pi)
 
 
+def temperature_loss(log_alpha: torch.Tensor, log_pi: torch.Tensor, target_entropy: float) -> torch.Tensor:
+    """-mean[log alpha (log pi(a~|s) + H_target)], with no gradient into the policy."""
+    return -(log_alpha * (log_pi.detach() + target_entropy)).mean()
+
+
 @dataclass
 class Agent:
     actor: TanhGaussianActor
@@ -650,17 +655,18 @@ def make_offline_update(agent: Agent, args: Args, target_entropy: float
     critic_optim = torch.optim.Adam(agent.critic.parameters(), lr=args.critic_lr)
     alpha_optim = torch.optim.Adam([agent.log_alpha], lr=args.alpha_lr)
     gamma, tau, eta = args.gamma, args.tau, args.eta
+    # Under torch.compile the temperature loss stays eager: compiled with the policy sample, its backward would run
+    # (and free) the sample's graph before the actor's backward needs it.
+    alpha_loss_fn = torch.compiler.disable(temperature_loss)
     # torch.compile cannot differentiate twice: with the diversity term the critic loss stays eager.
     critic_loss_fn = torch.compiler.disable(edac_critic_loss) if eta > 0 else edac_critic_loss
 
     def update(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         obs = batch["observations"]
         action, log_pi = agent.actor(obs)
-        alpha_loss = -(agent.log_alpha * (log_pi.detach() + target_entropy)).mean()
+        alpha_loss = alpha_loss_fn(agent.log_alpha, log_pi, target_entropy)
         alpha_optim.zero_grad(set_to_none=True)
-        # Eagerly a no-op; under torch.compile the policy sample and this loss can share one autograd node, which
-        # the actor loss below backpropagates through again.
-        alpha_loss.backward(retain_graph=True)
+        alpha_loss.backward()
         alpha_optim.step()
         alpha = agent.log_alpha.detach().exp()
 
