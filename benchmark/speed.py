@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import hashlib
 import importlib.util
 import math
 import os
@@ -82,22 +83,21 @@ def plain_polyak(target: nn.Module, source: nn.Module, tau: float) -> None:
 
 
 def plain_offline_update(actor, critic, target, log_alpha, args, target_entropy) -> Callable:
-    """EDAC as CORL writes it (alpha -> actor -> critic + diversity -> Polyak), with a looped ensemble."""
+    """EDAC as CORL writes it (alpha -> actor -> critic -> Polyak; TD and diversity terms from separate forwards),
+    with a looped ensemble; alpha and actor losses share one policy sample, as so2.py and the EDAC code do."""
     actor_optim = torch.optim.Adam(actor.parameters(), lr=args.actor_lr)
     critic_optim = torch.optim.Adam(critic.parameters(), lr=args.critic_lr)
     alpha_optim = torch.optim.Adam([log_alpha], lr=args.alpha_lr)
 
     def update(batch):
         obs, actions, n = batch["observations"], batch["actions"], len(critic.qs)
-        with torch.no_grad():
-            _, log_pi = actor(obs)
-        alpha_loss = -(log_alpha * (log_pi + target_entropy)).mean()
+        pi, log_pi = actor(obs)  # one policy sample for the temperature and the actor, as the EDAC code
+        alpha_loss = -(log_alpha * (log_pi.detach() + target_entropy)).mean()
         alpha_optim.zero_grad()
         alpha_loss.backward()
         alpha_optim.step()
         alpha = log_alpha.exp().detach()
 
-        pi, log_pi = actor(obs)
         actor_loss = (alpha * log_pi - critic(obs, pi).min(0).values).mean()  # also fills critic .grad
         actor_optim.zero_grad()
         actor_loss.backward()
@@ -191,8 +191,9 @@ def flops_per_call(workload, obs_dim, act_dim, n, batch, args) -> float:
     fc, fa = 2 * mac_c * batch * n, 2 * mac_a * batch  # forward FLOPs of the ensemble / the actor
     if workload == "so2":  # per critic step: target (Fa + Fc) + TD fwd/bwd 3Fc; per actor step 3Fa + 2Fc
         return args.utd_ratio * (fa + 4 * fc) + args.actor_updates_per_step * (3 * fa + 2 * fc)
-    # alpha Fa; actor 3Fa + 2Fc; target Fa + Fc; TD 3Fc; diversity Fc + Fc (dQ/da) + 2 x 2Fc (its backward)
-    return 5 * fa + 6 * fc + (6 * fc if workload == "edac" else 0)
+    # alpha + actor (one sample) 3Fa + 2Fc; target Fa + Fc; TD 3Fc; diversity on the TD forward: dQ/da Fc and
+    # the backward of dQ/da 2Fc (the plain reference's separate forwards and actor weight grads are not counted)
+    return 4 * fa + 6 * fc + (3 * fc if workload == "edac" else 0)
 
 
 def timed(fn, batch, iters, device) -> float:
@@ -288,7 +289,7 @@ def run_workload(cfg: Config, size: str, workload: str, device) -> tuple[list[Va
                 v.note = (f"first call {v.times[0]:.0f} s; {c['stats']['unique_graphs']} graphs, "
                           f"{sum(c['graph_break'].values())} graph breaks")
         except Exception as e:  # a compile failure is reported, not fatal
-            v.error = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:100]}"
+            v.error = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0].split('. ')[0][:120]}"
             print(f"  {v.name} failed: {v.error}", flush=True)
     live = [v for v in variants if not v.error]
     round_s = sum(v.iters * v.times[-1] for v in live)  # estimated from the last warm-up call
@@ -309,7 +310,8 @@ def main(cfg: Config) -> None:
     torch._dynamo.config.recompile_limit = 64  # one compiled closure per workload shares so2.py's code objects
     device, start, load = torch.device(cfg.device), time.time(), [os.getloadavg()[0]]
     rates = matmul_rates(device)
-    info = {"device": so2.device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    info = {"device": so2.device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "so2": hashlib.sha256((ROOT / "algorithms" / "so2.py").read_bytes()).hexdigest()[:12]}
     print(f"{info['device']}; torch {info['torch']}; threads {info['threads']}; matmul rate "
           + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in rates.items()), flush=True)
     rows, checks_md, ratios = [], [], {}
@@ -333,15 +335,12 @@ def main(cfg: Config) -> None:
             print(f"  ({name}: {flop / 1e9:.1f} GFLOP per update, {time.time() - t0:.0f} s; "
                   + ", ".join(f"{k} {v:.1e}" for k, v in check.items()) + ")", flush=True)
             load.append(os.getloadavg()[0])
+            if cfg.out:  # after every workload, so that a run cut short keeps what it measured
+                write_report(cfg, info, rates, rows, checks_md, ratios, load, time.time() - start, final=False)
     rates = {k: max(v, w) for (k, v), w in zip(rates.items(), matmul_rates(device).values())}  # start and end
-    eager, comp = (ratios.get(("walker2d-n10", "edac", f"so2.py {k}")) for k in ("eager", "torch.compile"))
-    verdict = ("not measured (walker2d-n10 edac was not run)" if eager is None else
-               f"{'met' if eager >= 1.5 else 'NOT met'}: so2.py's eager EDAC update is {eager:.2f}x the plain "
-               f"reference" + (f" ({comp:.2f}x under torch.compile)" if comp else ""))
-    elapsed = time.time() - start
-    print(f"target (walker2d-n10 EDAC >= 1.5x the plain reference): {verdict}\ntotal {elapsed / 60:.1f} min")
-    if cfg.out:
-        write_report(cfg, info, rates, rows, checks_md, verdict, ratios, load, elapsed)
+    verdict = write_report(cfg, info, rates, rows, checks_md, ratios, load, time.time() - start, final=True)
+    print(f"target (walker2d-n10 EDAC >= 1.5x the plain reference): {verdict}\n"
+          f"total {(time.time() - start) / 60:.1f} min")
 
 
 HEAD = f"| {'workload':<20} | {'variant':<22} | ms/update | updates/s | vs reference | % of matmul rate | notes |"
@@ -355,16 +354,22 @@ def table_row(r: dict, peak: float) -> str:
             f"{'; ' + r['note'] if r['note'] else ''} |")
 
 
-def write_report(cfg, info, rates, rows, checks_md, verdict, ratios, load, elapsed) -> None:
+def write_report(cfg, info, rates, rows, checks_md, ratios, load, elapsed, final) -> str:
+    eager, comp = (ratios.get(("walker2d-n10", "edac", f"so2.py {k}")) for k in ("eager", "torch.compile"))
+    verdict = ("not measured (walker2d-n10 edac was not run)" if eager is None else
+               f"{'met' if eager >= 1.5 else 'NOT met'}: so2.py's eager EDAC update is {eager:.2f}x the plain "
+               f"reference" + (f" ({comp:.2f}x under torch.compile)" if comp else ""))
+    if not cfg.out:
+        return verdict
     said = "; ".join(f"{s} {w} {v.removeprefix('so2.py ')} {r:.2f}x" for (s, w, v), r in ratios.items()
                      if v != "plain reference")
     busy = max(load) > os.cpu_count()
     lines = [
-        "# Update speed of algorithms/so2.py", "",
+        "# Update speed of algorithms/so2.py" + ("" if final else " (partial: the run is still going or was cut short)"), "",
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
         f"- device: {info['device']}; torch {info['torch']}; {info['threads']} threads; python {sys.version.split()[0]}",
         "- matmul rate (fp32, best of 7 repeats at start and end): " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in rates.items()),
-        f"- command: `python benchmark/speed.py {' '.join(sys.argv[1:])}`",
+        f"- command: `python benchmark/speed.py {' '.join(sys.argv[1:])}`; algorithms/so2.py sha256 {info['so2']}…",
         f"- {cfg.rounds} round-robin rounds, {cfg.warmup} warm-up calls (compiled: >= 3), >= {cfg.round_seconds} s "
         f"per variant per round; 1-min load average {min(load):.1f} to {max(load):.1f} on {os.cpu_count()} cores; "
         f"runtime {elapsed / 60:.1f} min", "",
@@ -375,11 +380,13 @@ def write_report(cfg, info, rates, rows, checks_md, verdict, ratios, load, elaps
         "the variant's in the same round; `range` (max - min) / median over rounds; `AxB calls` calls per round x "
         "rounds.", "",
         "**FLOP model.** A critic costs (obs+act)*256 + 2*256*256 + 256 multiply-adds per sample, so the forward of N "
-        "critics at batch B is Fc = 2*MACs*B*N FLOPs (the actor's forward Fa likewise, with its two 256*act heads). "
-        "A backward counts 2x its forward, an input-only backward (actor loss through frozen critics, dQ/da) 1x: "
-        "EDAC = 5Fa + 6Fc + 6Fc for the diversity term (forward, dQ/da, 2x backward of both), SAC-N without that "
-        "term, an SO2 block = 10 (Fa + 4Fc) + 10 (3Fa + 2Fc). `% of matmul rate` = these FLOP/s over the better "
-        "measured matmul rate; elementwise work, optimizer steps and Python overhead count as lost time.", "",
+        "critics at batch B is Fc = 2*MACs*B*N FLOPs (the actor's Fa likewise, with its two 256*act heads). A "
+        "backward counts 2x its forward, an input-only one (actor loss through frozen critics, dQ/da) 1x. EDAC = "
+        "4Fa + 6Fc + 3Fc (diversity: dQ/da on the TD forward and its backward), SAC-N = 4Fa + 6Fc, an SO2 block = "
+        "10 (Fa + 4Fc) + 10 (3Fa + 2Fc): the work so2.py needs, also for the reference, which does more (a second "
+        "critic forward for the diversity term, critic weight gradients in the actor loss). `% of matmul rate` = "
+        "these FLOP/s over the better measured matmul rate; elementwise ops, optimizer steps and Python overhead "
+        "show up as the missing percent (at batch 2560 a matmul runs faster than at 256, so > 100% is possible).", "",
         "**Checks** before timing (same initial weights; one update of each from the same seed on the same batch): "
         "max |dQ| between so2.py's critics and the copied Sequentials, relative difference of each returned loss, "
         "max |dW| of critic weights after that update.", "", "| workload | checks |", "|---|---|", *checks_md, "",
@@ -387,14 +394,18 @@ def write_report(cfg, info, rates, rows, checks_md, verdict, ratios, load, elaps
         f"**What the numbers say.** Speed-ups over the plain reference: {said}. "
         + ("The machine was busy with other jobs during the run (load above the core count), so absolute times are "
            "noisy and the per-round ratios are the numbers to trust. " if busy else "")
-        + f"With {info['threads']} threads, every op of the reference's per-critic loop is a parallel region; when "
-        "other processes hold the cores, such many small regions wait on each other, which inflates the reference's "
-        "time more than so2.py's (compare a `--threads 1` run). A `% of matmul rate` well below 100 means time goes "
-        "to elementwise ops, optimizer steps and dispatch rather than matmuls.", ""]
+        + (f"With {info['threads']} threads every op is a parallel region, and the reference's per-critic loop has "
+           "~N times more, smaller ones; when other processes hold the cores, each region waits for its slowest "
+           "thread, which inflates the reference's time more than so2.py's: compare a `--threads 1` run before "
+           "reading the ratio as a property of the code. " if info["threads"] > 1 else "")
+        + "A `% of matmul rate` well below 100 means the time goes to elementwise ops, optimizer steps, dispatch "
+        "and waiting rather than to matmuls.", ""]
     path = ROOT / cfg.out
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
-    print(f"wrote {path}")
+    if final:
+        print(f"wrote {path}")
+    return verdict
 
 
 if __name__ == "__main__":
