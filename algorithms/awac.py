@@ -540,6 +540,7 @@ class VectorizedCritic(nn.Module):
 
 
 # ---- networks
+# >>> shared: gaussian_policy
 class ObsNorm(nn.Module):
     """(s - mean) / std with the dataset's moments as buffers, so that act(), Q_est and checkpoints carry them
     (identity unless set)."""
@@ -604,6 +605,7 @@ class TwinQ(nn.Module):
 
     def forward(self, obs: torch.Tensor, action: torch.Tensor, detach: bool = False) -> torch.Tensor:
         return self.q(self.norm(obs), action, detach)
+# <<< shared: gaussian_policy
 
 
 @torch.no_grad()

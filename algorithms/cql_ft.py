@@ -539,6 +539,7 @@ class VectorizedCritic(nn.Module):
 
 
 # ---- networks
+# >>> shared: cql_networks
 class Actor(nn.Module):
     """CORL's TanhGaussianPolicy: s -> 3 x 256 ReLU -> (mu, l); log_sigma = m * l + b with learned scalars m, b
     (1 and -1 at init), clamped to [-20, 2]; a = tanh(u), u ~ N(mu, sigma^2), with the exact tanh log-density.
@@ -610,6 +611,7 @@ class Agent:
     critic: Critic
     critic_target: Critic
     log_alpha: torch.Tensor  # [] SAC temperature, learned in both phases
+# <<< shared: cql_networks
 
 
 # ---- losses and updates
@@ -618,6 +620,7 @@ def polyak(target: nn.Module, source: nn.Module, tau: float) -> None:
     torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
 
 
+# >>> shared: cql_penalty
 def q_of_samples(critic: Critic, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
     """Q of K actions per state in one pass: obs [B, D], actions [B, K, A] -> [N, B, K]."""
     b, k, _ = actions.shape
@@ -634,8 +637,10 @@ def cql_penalty(q_data: torch.Tensor, q_rand: torch.Tensor, q_next: torch.Tensor
     x = torch.cat([q_rand - act_dim * math.log(0.5), q_next - log_pi_next, q_cur - log_pi_cur], dim=-1)
     ood = temp * torch.logsumexp(x / temp, dim=-1)  # [N, B]
     return (ood - q_data).clamp(clip_min, clip_max).mean(dim=1)
+# <<< shared: cql_penalty
 
 
+# >>> shared: cql_target
 @torch.no_grad()
 def bellman_target(agent: Agent, batch: dict[str, torch.Tensor], alpha: torch.Tensor, gamma: float,
                    n_max: int, backup_entropy: bool) -> torch.Tensor:
@@ -663,6 +668,7 @@ def penalty_actions(actor: Actor, obs: torch.Tensor, next_obs: torch.Tensor, k: 
     a_cur, log_pi_cur = actor(obs.unsqueeze(1).expand(-1, k, -1))
     a_next, log_pi_next = actor(next_obs.unsqueeze(1).expand(-1, k, -1))
     return torch.cat([a_rand, a_cur, a_next], dim=1), log_pi_cur, log_pi_next
+# <<< shared: cql_target
 
 
 def make_update_fns(agent: Agent, args: Args, act_dim: int

@@ -595,6 +595,7 @@ def polyak(target: nn.Module, source: nn.Module, tau: float) -> None:
     torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
 
 
+# >>> shared: edac_losses
 def edac_critic_loss(critic: VectorizedCritic, obs: torch.Tensor, actions: torch.Tensor, y: torch.Tensor,
                      eta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """EDAC's critic loss: TD error summed over members, plus eta times the ensemble similarity
@@ -614,6 +615,7 @@ def edac_critic_loss(critic: VectorizedCritic, obs: torch.Tensor, actions: torch
         off_diagonal = 1.0 - torch.eye(n, device=cos.device)
         loss = loss + eta * (cos * off_diagonal).sum(dim=(1, 2)).mean() / (n - 1)
     return loss, q.detach()
+# <<< shared: edac_losses
 
 
 @torch.no_grad()
