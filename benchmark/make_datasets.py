@@ -73,7 +73,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import platform
 import shlex
 import shutil
 import subprocess
@@ -158,7 +157,7 @@ class Args:
     medium_score: float | None = None
     """normalised score (x100) the medium snapshot must reach (default 40 / 44 / 62); used when choosing a policy"""
     data_dir: str = DEFAULT_DATA_DIR
-    """folder with mujoco/tqc_*_expert_actor.npz and adroit/{door_human_demos,dapg_*_expert_policy}.npz ($O2O_DATA_DIR)"""
+    """folder with mujoco/tqc_*_expert_actor.npz, adroit/door_human_demos.npz, adroit/dapg_*_expert_policy.npz"""
     policies_dir: str = "benchmark/policies"
     """where the chosen medium policies are written and read (relative to the repository root)"""
     report: bool = False
@@ -354,9 +353,9 @@ def choose_snapshot(run_dir: Path, level: float) -> dict[str, Any]:
         if row["normalized_score"] >= level:
             return row
     best = max(snaps, key=lambda r: r["normalized_score"])
-    raise BuildError(f"no snapshot of {run_dir} reaches the medium level {level:g} yet (best {best['normalized_score']:.1f} "
-                     f"at env step {best['env_step']}, last {snaps[-1]['env_step']}); let the run go on, or pass "
-                     f"--medium-score")
+    raise BuildError(f"no snapshot of {run_dir} reaches the medium level {level:g} yet (best "
+                     f"{best['normalized_score']:.1f} at env step {best['env_step']}, last {snaps[-1]['env_step']}); "
+                     f"let the run go on, or pass --medium-score")
 
 
 def make_actor(obs_dim: int, act_dim: int, state: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -373,9 +372,9 @@ def medium_policy(args: Args, family: str) -> tuple[torch.nn.Module, dict[str, A
         arrays = load_npz(path, ("meta",), f"the {family} medium policy")
         meta = json.loads(str(arrays.pop("meta")))
         if run_dir is not None and run_dir.resolve().name != meta["run"]:
-            raise BuildError(f"{path} was chosen from the SAC run {meta['run']}, but --sac-run is {run_dir}: move that "
-                             f"file away to choose the medium policy from {run_dir.name} (medium and medium-replay must "
-                             f"come from one run)")
+            raise BuildError(f"{path} was chosen from the SAC run {meta['run']}, but --sac-run is {run_dir}: move "
+                             f"that file away to choose the medium policy from {run_dir.name} (medium and "
+                             f"medium-replay must come from one run)")
         state = {k.removeprefix("actor/"): torch.as_tensor(v) for k, v in arrays.items() if k.startswith("actor/")}
         return make_actor(meta["obs_dim"], meta["act_dim"], state), meta, path
     if run_dir is None:
@@ -387,7 +386,8 @@ def medium_policy(args: Args, family: str) -> tuple[torch.nn.Module, dict[str, A
     row = choose_snapshot(run_dir, level)
     snap_path = run_dir / row["policy"]
     if not snap_path.is_file():
-        raise BuildError(f"missing input file {snap_path} (the snapshot eval.jsonl names at env step {row['env_step']})")
+        raise BuildError(f"missing input file {snap_path} (the snapshot eval.jsonl names at env step "
+                         f"{row['env_step']})")
     snap = torch.load(snap_path, map_location="cpu", weights_only=True)
     state = snap["actor"]
     obs_dim, act_dim = state["trunk.0.weight"].shape[1], state["mu.weight"].shape[0]
@@ -429,7 +429,8 @@ def buffer_episodes(run_dir: Path, n_rows: int) -> list[Episode]:
             raise BuildError(f"{path}: rows {s}..{e - 1} are not one episode (an observation does not follow on); "
                              f"was the buffer's capacity exceeded?")
         episodes.append({
-            "observations": np.concatenate([b["observations"][s:e], b["next_observations"][e - 1:e]]).astype(np.float64),
+            "observations": np.concatenate([b["observations"][s:e], b["next_observations"][e - 1:e]]
+                                           ).astype(np.float64),
             "actions": b["actions"][s:e].astype(np.float32),
             "rewards": b["rewards"][s:e].astype(np.float64),
             "terminations": b["terminated"][s:e] > 0.5,
