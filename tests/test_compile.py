@@ -50,7 +50,7 @@ def test_compiled_offline_update_matches_eager(monkeypatch):
     """EDAC's step: the diversity term stays eager, the rest compiles; two steps so Adam's state is exercised."""
     monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     torch.manual_seed(0)
-    obs_dim, act_dim, n, b = 5, 2, 3, 8
+    obs_dim, act_dim, n, b = 5, 2, 3, 32  # batch >= 16: AOTAutograd donates buffers there
     actor = so2.TanhGaussianActor(obs_dim, act_dim, hidden=32)
     critic = so2.VectorizedCritic(obs_dim, act_dim, n, hidden=32)
     agents = [so2.Agent(copy.deepcopy(actor), copy.deepcopy(critic), copy.deepcopy(critic),
