@@ -1,51 +1,74 @@
-"""Updates per second of algorithms/so2.py's own update functions against a plain CleanRL/CORL-style reference.
+"""Updates per second of the algorithm files' own update functions against plain CleanRL/CORL-style references.
 
-Workloads, at the SO2 paper's sizes: offline EDAC (eta 1) and SAC-N (eta 0) at batch 256, and SO2's online block for
-one env step (utd_ratio critic steps + actor_updates_per_step actor steps at batch 2560), for walker2d (obs 17, act 6,
-N 10) and hopper (obs 11, act 3, N 50). Each workload times the plain reference (one nn.Sequential per critic, Python
-loops over critics and parameters), so2.py eager and so2.py under torch.compile, from the same initial weights, in
-round-robin rounds (so load on the shared machine hits all variants alike); the median over rounds is reported.
+Workloads:
+- so2.py, at the SO2 paper's sizes: offline EDAC (`edac`, eta 1) and SAC-N (`sac-n`, eta 0) at batch 256, and SO2's
+  online block for one env step (`so2`: utd_ratio critic steps + actor_updates_per_step actor steps at batch 2560),
+  for walker2d (obs 17, act 6, N 10) and hopper (obs 11, act 3, N 50).
+- one offline step of every baseline file (`edac.py`, `cql_ft.py`, `cal_ql.py`, `td3bc_ft.py`, `awac.py`,
+  `iql_ft.py`), built as that file's main() builds it, with its Args for walker2d-medium (obs 17, act 6) and its
+  offline batch size. td3bc_ft.py's call is one policy_freq cycle (2 critic steps, then 1 actor step + Polyak).
+Each workload times the plain reference (one nn.Sequential per critic, Python loops over critics and parameters),
+the file's update eager and under torch.compile (as the file's --compile wraps it), from the same initial weights,
+in round-robin rounds (so load on the shared machine hits all variants alike); the median over rounds is reported.
+Before timing, one update of the file's function and of the reference from the same seed must agree.
 
-    python benchmark/speed.py --quick          # a few minutes: walker2d sizes only, 3 short rounds
-    python benchmark/speed.py                  # everything, writes results/speed.md
+    python benchmark/speed.py --quick --out ''                  # debug: 3 short rounds, walker2d sizes, no report
+    python benchmark/speed.py                                   # everything, writes results/speed.md
+    python benchmark/speed.py --workloads cql_ft.py iql_ft.py --threads 1 --out results/speed_baselines.md
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
+import functools
 import hashlib
 import importlib.util
 import math
 import os
+import shlex
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from types import ModuleType
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn as nn
 import tyro
 
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("so2", ROOT / "algorithms" / "so2.py")
-so2 = importlib.util.module_from_spec(spec)
-sys.modules["so2"] = so2
-spec.loader.exec_module(so2)
+SIZES = {"walker2d-n10": (17, 6, 10), "hopper-n50": (11, 3, 50)}  # obs_dim, act_dim, N of so2.py's workloads
+SO2_WORKLOADS = ("edac", "sac-n", "so2")
+BASELINES = ("edac.py", "cql_ft.py", "cal_ql.py", "td3bc_ft.py", "awac.py", "iql_ft.py")
+WORKLOADS = SO2_WORKLOADS + BASELINES
+BASELINE_TASK = "walker2d-medium"  # the baselines' Args come from their parse_args for this task
+Batch = dict[str, torch.Tensor]
 
-SIZES = {"walker2d-n10": (17, 6, 10), "hopper-n50": (11, 3, 50)}  # obs_dim, act_dim, N
+
+@functools.cache
+def algo(stem: str) -> ModuleType:
+    """algorithms/<stem>.py, imported by path (the files have no import-time side effects)."""
+    spec = importlib.util.spec_from_file_location(f"speed_{stem}", ROOT / "algorithms" / f"{stem}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their string annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
 
 
 @dataclass
 class Config:
-    sizes: tuple[Literal["walker2d-n10", "hopper-n50"], ...] = ("walker2d-n10", "hopper-n50")  # problem sizes
-    workloads: tuple[Literal["edac", "sac-n", "so2"], ...] = ("edac", "sac-n", "so2")
-    """edac / sac-n: one offline update (eta 1 / 0); so2: one online env step's block of 10 + 10 updates"""
+    workloads: tuple[Literal[WORKLOADS], ...] = WORKLOADS  # type: ignore[valid-type]
+    """edac / sac-n: one so2.py offline update (eta 1 / 0); so2: one so2.py online env step's block of 10 + 10
+    updates; <file>.py: one offline step of that baseline file at walker2d-medium sizes"""
+    sizes: tuple[Literal["walker2d-n10", "hopper-n50"], ...] = ("walker2d-n10", "hopper-n50")
+    """problem sizes of so2.py's workloads (the baselines always run at walker2d-medium sizes)"""
     quick: bool = False  # debug run: 3 rounds of >= 0.3 s, 1 warm-up call, hopper-n50 skipped
     skip_n50: bool = False  # drop hopper-n50, the slowest size
-    compile: bool = True  # also time torch.compile(update) of so2.py's functions (--no-compile to skip)
+    compile: bool = True  # also time torch.compile of the file's update functions (--no-compile to skip)
     device: str = "cpu"  # cpu or cuda
     threads: int = 0  # torch.set_num_threads; 0 keeps torch's default
     rounds: int = 7  # round-robin rounds; the median over rounds is reported
@@ -54,32 +77,96 @@ class Config:
     round_seconds: float = 1.0  # minimum time of a variant in a round; calls per round come from the warm-up
     seed: int = 0
     out: str = "results/speed.md"  # Markdown report ('' = none)
+    note: str = ""  # a line for the report's header, e.g. what else was running on the machine
+
+
+@dataclass
+class Spec:
+    """What to build. The defaults are the benchmark's sizes; the tests shrink them."""
+    obs_dim: int = 17
+    act_dim: int = 6
+    n_critics: int | None = None  # ensemble size of so2.py / edac.py; None = the file's Args
+    hidden: int | None = None  # width of the networks whose constructors take one; None = the file's (256)
+    batch: int | None = None  # rows per batch; None = the file's offline batch (so2 block: its online batch)
+    overrides: dict[str, Any] = field(default_factory=dict)  # Args fields to change (tests: fewer CQL samples)
+    device: str = "cpu"
+    seed: int = 0
+    compile: bool = False
+
+
+@dataclass
+class Setup:
+    """One workload, ready to time: the file's update (eager, and a twin built from the same weights for
+    torch.compile), the plain reference from the same weights, a batch, and the networks the checks compare."""
+    file: str
+    ours: Callable[[Batch], dict[str, torch.Tensor]]
+    plain: Callable[[Batch], dict[str, torch.Tensor]]
+    compiled: Callable[[Batch], dict[str, torch.Tensor]] | None
+    batch: Batch
+    check_batch: Batch  # a [B] slice, for the forward check
+    nets: list[tuple[str, nn.Module, nn.Module]]  # (name, the file's network, the reference's), compared after
+    flop: float | None  # FLOPs of one call (None: no model)
+    flop_model: str
+    what: str  # what one call does
 
 
 # ---- the plain reference, written the CleanRL/CORL way
 class PlainCritic(nn.Module):
-    def __init__(self, obs_dim: int, act_dim: int, n: int, hidden: int = 256) -> None:
-        super().__init__()
-        self.qs = nn.ModuleList(nn.Sequential(
-            nn.Linear(obs_dim + act_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-            nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1)) for _ in range(n))
+    """N separate nn.Sequential Q-networks on concat(s, a), run one after another: Q of shape [N, ...]. Observations
+    are standardised first where the file's critic does it inside (the reference sees the same raw batch)."""
 
-    def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:  # [N, B]
+    def __init__(self, dims: list[int], n: int, obs_mean: torch.Tensor | None = None,
+                 obs_std: torch.Tensor | None = None) -> None:
+        super().__init__()
+        def mlp() -> nn.Sequential:
+            hidden = [m for i, o in zip(dims[:-2], dims[1:-1]) for m in (nn.Linear(i, o), nn.ReLU())]
+            return nn.Sequential(*hidden, nn.Linear(dims[-2], dims[-1]))
+        self.qs = nn.ModuleList(mlp() for _ in range(n))
+        self.normalize = obs_mean is not None
+        if self.normalize:
+            self.register_buffer("obs_mean", obs_mean.clone())
+            self.register_buffer("obs_std", obs_std.clone())
+
+    def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        if self.normalize:
+            obs = (obs - self.obs_mean) / self.obs_std
         x = torch.cat([obs, action], dim=-1)
         return torch.stack([q(x).squeeze(-1) for q in self.qs])
 
+    @classmethod
     @torch.no_grad()
-    def copy_from(self, critic: so2.VectorizedCritic) -> PlainCritic:
-        for i, q in enumerate(self.qs):
-            for lin, layer in zip([m for m in q if isinstance(m, nn.Linear)], critic.layers):
-                lin.weight.copy_(layer.weight[i].T)
-                lin.bias.copy_(layer.bias[i, 0])
-        return self
+    def like(cls, critic: nn.Module) -> PlainCritic:
+        """A copy of a file's vectorised critic: so2/edac/cql VectorizedCritic, td3bc TwinCritic, awac/iql TwinQ."""
+        vec = getattr(critic, "q", critic)
+        dims = [vec.layers[0].weight.shape[1]] + [layer.weight.shape[2] for layer in vec.layers]
+        if hasattr(critic, "norm"):
+            stats = (critic.norm.mean, critic.norm.std)
+        else:
+            stats = (getattr(critic, "obs_mean", None), getattr(critic, "obs_std", None))
+        plain = cls(dims, vec.n_critics, *stats).to(vec.layers[0].weight.device)
+        for (w, b), (pw, pb) in zip(member_linears(critic), plain_linears(plain)):
+            pw.copy_(w)
+            pb.copy_(b)
+        return plain
+
+
+def member_linears(critic: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A vectorised critic's (weight [out, in], bias [out]) per member and layer, in PlainCritic's order."""
+    vec = getattr(critic, "q", critic)
+    return [(layer.weight[i].T, layer.bias[i, 0]) for i in range(vec.n_critics) for layer in vec.layers]
+
+
+def plain_linears(critic: PlainCritic) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(m.weight, m.bias) for q in critic.qs for m in q if isinstance(m, nn.Linear)]
 
 
 def plain_polyak(target: nn.Module, source: nn.Module, tau: float) -> None:
     for p_t, p in zip(target.parameters(), source.parameters()):
         p_t.data.mul_(1 - tau).add_(tau * p.data)
+
+
+def mse(q: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.mse_loss(q, y)
 
 
 def plain_offline_update(actor, critic, target, log_alpha, args, target_entropy) -> Callable:
@@ -122,7 +209,8 @@ def plain_offline_update(actor, critic, target, log_alpha, args, target_entropy)
         critic_loss.backward()
         critic_optim.step()
         plain_polyak(target, critic, args.tau)
-        return {"loss/critic": critic_loss.detach(), "loss/actor": actor_loss.detach(), "loss/alpha": alpha_loss.detach()}
+        return {"loss/critic": critic_loss.detach(), "loss/actor": actor_loss.detach(),
+                "loss/alpha": alpha_loss.detach()}
 
     return update
 
@@ -161,22 +249,203 @@ def plain_online_update(actor, critic, target, log_alpha, args) -> Callable:
     return update
 
 
+def plain_cql_update(actor, critic, target, log_alpha, args, act_dim: int, calibrated: bool) -> Callable:
+    """CORL's CQL(H) (`ContinuousCQL.train`): all three losses from the parameters before the step, then alpha, actor
+    and critic steps with one Adam per critic and a backward each; the penalty scores the K uniform, K current-policy
+    and K next-policy actions with three forward passes per critic. `calibrated`: Cal-QL's max(Q, V_mu) on the two
+    policy terms. Random draws come in the files' order (policy, target, uniform, current, next), which is CORL's."""
+    assert not args.cql_max_target_backup and not args.backup_entropy, "the reference covers the MuJoCo settings"
+    actor_optim = torch.optim.Adam(actor.parameters(), lr=args.policy_lr)
+    critic_optims = [torch.optim.Adam(q.parameters(), lr=args.qf_lr) for q in critic.qs]
+    alpha_optim = torch.optim.Adam([log_alpha], lr=args.policy_lr)
+    k, temp, clip_min, clip_max = args.cql_n_actions, args.cql_temp, args.cql_clip_diff_min, args.cql_clip_diff_max
+    log_uniform = act_dim * math.log(0.5)
+
+    def update(batch):
+        obs, actions, next_obs = batch["observations"], batch["actions"], batch["next_observations"]
+        pi, log_pi = actor(obs)
+        alpha_loss = -(log_alpha * (log_pi.detach() - act_dim)).mean()
+        alpha = log_alpha.exp().detach()
+        q_pi = critic(obs, pi)  # critic weight gradients too, thrown away by the critic's zero_grad (CORL)
+        actor_loss = (alpha * log_pi - torch.min(q_pi[0], q_pi[1])).mean()
+
+        with torch.no_grad():
+            next_pi, _ = actor(next_obs)
+            q_next = target(next_obs, next_pi)
+            y = batch["rewards"] + args.gamma * (1 - batch["terminated"]) * torch.min(q_next[0], q_next[1])
+            rand_actions = torch.rand(obs.shape[0], k, act_dim, device=obs.device) * 2 - 1
+            cur_actions, cur_log_pi = actor(obs.unsqueeze(1).repeat(1, k, 1))
+            next_actions, next_log_pi = actor(next_obs.unsqueeze(1).repeat(1, k, 1))
+        obs_k = obs.unsqueeze(1).repeat(1, k, 1)
+        td_loss = critic_loss = diff_sum = 0.0
+        for i in range(len(critic.qs)):
+            q_data = single(critic, i, obs, actions)
+            td = mse(q_data, y)
+            q_rand, q_cur, q_nxt = (single(critic, i, obs_k, a) for a in (rand_actions, cur_actions, next_actions))
+            if calibrated:
+                mc = batch["mc_returns"].unsqueeze(1)
+                q_cur, q_nxt = torch.maximum(q_cur, mc), torch.maximum(q_nxt, mc)
+            cat = torch.cat([q_rand - log_uniform, q_nxt - next_log_pi, q_cur - cur_log_pi], dim=1)
+            ood = temp * torch.logsumexp(cat / temp, dim=1)
+            diff = (ood - q_data).clamp(clip_min, clip_max).mean()
+            td_loss, diff_sum = td_loss + td, diff_sum + diff
+            critic_loss = critic_loss + td + args.cql_alpha * diff
+
+        alpha_optim.zero_grad()
+        alpha_loss.backward()
+        alpha_optim.step()
+        actor_optim.zero_grad()
+        actor_loss.backward()
+        actor_optim.step()
+        for optim in critic_optims:
+            optim.zero_grad()
+        critic_loss.backward()
+        for optim in critic_optims:
+            optim.step()
+        plain_polyak(target, critic, args.tau)
+        return {"loss/critic": critic_loss.detach(), "loss/td": td_loss.detach(), "loss/actor": actor_loss.detach(),
+                "loss/alpha": alpha_loss.detach(), "loss/cql_diff": diff_sum.detach() / len(critic.qs)}
+
+    return update
+
+
+def single(critic: PlainCritic, i: int, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    """Q_i alone, as CORL calls critic_1 and critic_2 separately."""
+    if critic.normalize:
+        obs = (obs - critic.obs_mean) / critic.obs_std
+    return critic.qs[i](torch.cat([obs, action], dim=-1)).squeeze(-1)
+
+
+def plain_td3bc_update(actor, actor_target, critic, critic_target, args) -> Callable:
+    """CORL's TD3+BC (`TD3_BC.train`) for one policy_freq cycle on a [policy_freq, B] batch: a critic step on every
+    row block, then on the last one the actor step (lambda Q1 - BC, through the undetached critic 1, as CORL) and the
+    per-parameter Polyak of both targets."""
+    actor_optim = torch.optim.Adam(actor.parameters(), lr=args.actor_lr)
+    critic_optims = [torch.optim.Adam(q.parameters(), lr=args.critic_lr) for q in critic.qs]
+    freq, c = args.policy_freq, args.target_noise_clip
+
+    def update(batch):
+        critic_loss_mean = 0.0
+        for u in range(freq):
+            obs, actions, next_obs = batch["observations"][u], batch["actions"][u], batch["next_observations"][u]
+            with torch.no_grad():
+                noise = (torch.randn_like(actions) * args.target_noise).clamp(-c, c)
+                next_action = (actor_target(next_obs) + noise).clamp(-1, 1)
+                y = batch["rewards"][u] + args.gamma * (1 - batch["terminated"][u]) * torch.min(
+                    single(critic_target, 0, next_obs, next_action), single(critic_target, 1, next_obs, next_action))
+            critic_loss = mse(single(critic, 0, obs, actions), y) + mse(single(critic, 1, obs, actions), y)
+            for optim in critic_optims:
+                optim.zero_grad()
+            critic_loss.backward()
+            for optim in critic_optims:
+                optim.step()
+            critic_loss_mean = critic_loss_mean + critic_loss.detach() / freq
+            if (u + 1) % freq == 0:
+                pi = actor(obs)
+                q1 = single(critic, 0, obs, pi)
+                lmbda = args.alpha / q1.abs().mean().detach()
+                actor_loss = -lmbda * q1.mean() + mse(pi, actions)
+                actor_optim.zero_grad()
+                actor_loss.backward()
+                actor_optim.step()
+                plain_polyak(critic_target, critic, args.tau)
+                plain_polyak(actor_target, actor, args.tau)
+        return {"loss/critic": critic_loss_mean, "loss/actor": actor_loss.detach()}
+
+    return update
+
+
+def gaussian_log_prob(actor: nn.Module, obs: torch.Tensor, actions: torch.Tensor, dropout: bool = False
+                      ) -> torch.Tensor:
+    mean, log_std = actor(obs, dropout)
+    return torch.distributions.Normal(mean, log_std.exp()).log_prob(actions).sum(-1)
+
+
+def plain_awac_update(actor, critic, target, args) -> Callable:
+    """rlkit's AWAC step (`AWACTrainer.train_from_torch`): advantage weights and the Bellman target from the
+    networks before the step, then the critics (one Adam each), then the actor's weighted log-likelihood (as a
+    torch Normal), then per-parameter Polyak. The advantage's policy sample is drawn before the target's, as the
+    file does (CORL would draw the target's first and use the stepped critics for the advantage)."""
+    assert not args.v_from_mean and args.clip_score is None, "the reference covers the MuJoCo settings"
+    actor_optim = torch.optim.Adam(actor.parameters(), lr=args.actor_lr, weight_decay=args.actor_weight_decay)
+    critic_optims = [torch.optim.Adam(q.parameters(), lr=args.critic_lr) for q in critic.qs]
+
+    def sample(obs):
+        mean, log_std = actor(obs)
+        return mean + log_std.exp() * torch.randn_like(mean)
+
+    def update(batch):
+        obs, actions, next_obs = batch["observations"], batch["actions"], batch["next_observations"]
+        with torch.no_grad():
+            a_pi = sample(obs)
+            q_data = torch.min(single(critic, 0, obs, actions), single(critic, 1, obs, actions))
+            v = torch.min(single(critic, 0, obs, a_pi), single(critic, 1, obs, a_pi))
+            adv = q_data - v
+            if args.weighting == "softmax":
+                weights = len(adv) * torch.softmax(adv / args.beta, dim=0)
+            else:
+                weights = torch.exp(adv / args.beta).clamp(max=args.weight_max)
+            next_action = sample(next_obs)
+            y = batch["rewards"] + args.gamma * (1 - batch["terminated"]) * torch.min(
+                single(target, 0, next_obs, next_action), single(target, 1, next_obs, next_action))
+        critic_loss = mse(single(critic, 0, obs, actions), y) + mse(single(critic, 1, obs, actions), y)
+        for optim in critic_optims:
+            optim.zero_grad()
+        critic_loss.backward()
+        for optim in critic_optims:
+            optim.step()
+        actor_loss = -(weights * gaussian_log_prob(actor, obs, actions)).mean()
+        actor_optim.zero_grad()
+        actor_loss.backward()
+        actor_optim.step()
+        plain_polyak(target, critic, args.tau)
+        return {"loss/critic": critic_loss.detach(), "loss/actor": actor_loss.detach()}
+
+    return update
+
+
+def plain_iql_update(actor, critic, target, value, args) -> Callable:
+    """IQL as CORL writes it (`ImplicitQLearning.train`, one Adam per network, per-parameter Polyak, Gaussian
+    log-likelihood as a torch Normal) in the authors' order, which the file follows: V step first, then the
+    advantage and the Q target from the stepped V; the cosine schedule steps after the update, as the file's loop."""
+    assert args.update_order == "iql" and args.actor_type == "gaussian", "the reference covers the iql preset"
+    actor_optim = torch.optim.Adam(actor.parameters(), lr=args.actor_lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(actor_optim, T_max=max(args.offline_steps, 1))
+    critic_optims = [torch.optim.Adam(q.parameters(), lr=args.critic_lr) for q in critic.qs]
+    value_optim = torch.optim.Adam(value.parameters(), lr=args.value_lr)
+
+    def update(batch):
+        obs, actions = batch["observations"], batch["actions"]
+        with torch.no_grad():
+            q_target = torch.min(single(target, 0, obs, actions), single(target, 1, obs, actions))
+        u = q_target - value(obs)
+        value_loss = ((args.expectile - (u < 0).float()).abs() * u ** 2).mean()
+        value_optim.zero_grad()
+        value_loss.backward()
+        value_optim.step()
+        with torch.no_grad():
+            adv = q_target - value(obs)
+            y = batch["rewards"] + args.gamma * (1 - batch["terminated"]) * value(batch["next_observations"])
+        weights = torch.exp(args.beta * adv).clamp(max=args.weight_max)
+        actor_loss = -(weights * gaussian_log_prob(actor, obs, actions, dropout=True)).mean()
+        actor_optim.zero_grad()
+        actor_loss.backward()
+        actor_optim.step()
+        critic_loss = mse(single(critic, 0, obs, actions), y) + mse(single(critic, 1, obs, actions), y)
+        for optim in critic_optims:
+            optim.zero_grad()
+        critic_loss.backward()
+        for optim in critic_optims:
+            optim.step()
+        plain_polyak(target, critic, args.tau)
+        schedule.step()
+        return {"loss/value": value_loss.detach(), "loss/actor": actor_loss.detach(),
+                "loss/critic": critic_loss.detach()}
+
+    return update
+
+
 # ---- workloads
-def make_agent(obs_dim, act_dim, n, device, online) -> so2.Agent:
-    actor = so2.TanhGaussianActor(obs_dim, act_dim).to(device)
-    critic = so2.VectorizedCritic(obs_dim, act_dim, n).to(device)
-    log_alpha = torch.zeros((), device=device, requires_grad=True)
-    if online:  # the state at the switch to SO2 (so2.main)
-        actor.log_std_min = -20.0
-        log_alpha = torch.full((), math.log(0.2), device=device)
-    return so2.Agent(actor, critic, copy.deepcopy(critic), log_alpha)
-
-
-def clone_agent(a: so2.Agent) -> so2.Agent:
-    return so2.Agent(copy.deepcopy(a.actor), copy.deepcopy(a.critic), copy.deepcopy(a.critic_target),
-                     a.log_alpha.detach().clone().requires_grad_(a.log_alpha.requires_grad))
-
-
 def make_batch(lead: tuple[int, ...], obs_dim, act_dim, device, gen) -> dict[str, torch.Tensor]:
     r = lambda *s: torch.randn(*lead, *s, generator=gen)  # noqa: E731
     b = {"observations": r(obs_dim), "actions": torch.rand(*lead, act_dim, generator=gen) * 1.98 - 0.99,
@@ -185,15 +454,273 @@ def make_batch(lead: tuple[int, ...], obs_dim, act_dim, device, gen) -> dict[str
     return {k: v.to(device) for k, v in b.items()}
 
 
-def flops_per_call(workload, obs_dim, act_dim, n, batch, args) -> float:
-    mac_c = (obs_dim + act_dim) * 256 + 256 * 256 * 2 + 256  # one critic, one sample
-    mac_a = obs_dim * 256 + 256 * 256 * 2 + 256 * 2 * act_dim  # actor trunk + mu and log_std heads
-    fc, fa = 2 * mac_c * batch * n, 2 * mac_a * batch  # forward FLOPs of the ensemble / the actor
-    if workload == "so2":  # per critic step: target (Fa + Fc) + TD fwd/bwd 3Fc; per actor step 3Fa + 2Fc
-        return args.utd_ratio * (fa + 4 * fc) + args.actor_updates_per_step * (3 * fa + 2 * fc)
-    # alpha + actor (one sample) 3Fa + 2Fc; target Fa + Fc; TD 3Fc; diversity on the TD forward: dQ/da Fc and
-    # the backward of dQ/da 2Fc (the plain reference's separate forwards and actor weight grads are not counted)
-    return 4 * fa + 6 * fc + (3 * fc if workload == "edac" else 0)
+def obs_stats(obs_dim: int, device, gen) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stand-ins for the dataset's observation mean and std, away from 0 and 1 so that the standardisation counts."""
+    mean, std = 0.5 * torch.randn(obs_dim, generator=gen), 0.5 + torch.rand(obs_dim, generator=gen)
+    return mean.to(device), std.to(device)
+
+
+def file_args(mod: ModuleType, spec: Spec, **fixed: Any) -> Any:
+    """The Args the file's main() would run with for walker2d-medium (per-dataset defaults applied)."""
+    return dataclasses.replace(mod.parse_args(["--env-id", BASELINE_TASK]), **fixed, **spec.overrides)
+
+
+def macs(module: nn.Module) -> int:
+    """Multiply-adds per sample of every linear layer in a module (an ensemble layer counts each member)."""
+    return sum(math.prod(m.weight.shape) for m in module.modules()
+               if isinstance(m, nn.Linear) or type(m).__name__ == "VectorizedLinear")
+
+
+def forward_flops(module: nn.Module, rows: int) -> float:
+    return 2.0 * macs(module) * rows
+
+
+def hidden_kw(spec: Spec) -> dict[str, int]:
+    return {} if spec.hidden is None else {"hidden": spec.hidden}
+
+
+def build_so2(workload: str, spec: Spec) -> Setup:
+    so2 = algo("so2")
+    device, (obs_dim, act_dim) = torch.device(spec.device), (spec.obs_dim, spec.act_dim)
+    online = workload == "so2"
+    args = dataclasses.replace(so2.Args(n_critics=spec.n_critics or so2.Args.n_critics,
+                                        eta=1.0 if workload == "edac" else 0.0), **spec.overrides)
+    gen = torch.Generator().manual_seed(spec.seed)
+    torch.manual_seed(spec.seed)
+    actor = so2.TanhGaussianActor(obs_dim, act_dim, **hidden_kw(spec)).to(device)
+    critic = so2.VectorizedCritic(obs_dim, act_dim, args.n_critics, **hidden_kw(spec)).to(device)
+    log_alpha = torch.zeros((), device=device, requires_grad=True)
+    if online:  # the state at the switch to SO2 (so2.main)
+        actor.log_std_min = -20.0
+        log_alpha = torch.full((), math.log(0.2), device=device)
+    agent = so2.Agent(actor, critic, copy.deepcopy(critic), log_alpha)
+    rows = spec.batch or (args.online_batch_size if online else args.batch_size)
+    batch = make_batch((args.utd_ratio, rows) if online else (rows,), obs_dim, act_dim, device, gen)
+    twin = copy.deepcopy(agent)
+    ref = (copy.deepcopy(agent.actor), PlainCritic.like(agent.critic), PlainCritic.like(agent.critic_target),
+           agent.log_alpha.detach().clone().requires_grad_(agent.log_alpha.requires_grad))
+    target_entropy = -float(act_dim)
+    if online:
+        ours = so2.make_online_update(agent, args)[0]
+        plain = plain_online_update(*ref, args)
+        compiled = so2.make_online_update(twin, args)[0]
+    else:
+        ours = so2.make_offline_update(agent, args, target_entropy)[0]
+        plain = plain_offline_update(*ref, args, target_entropy)
+        compiled = so2.make_offline_update(twin, args, target_entropy)[0]
+    fa, fc = forward_flops(actor, rows), forward_flops(critic, rows)
+    if online:
+        flop = args.utd_ratio * (fa + 4 * fc) + args.actor_updates_per_step * (3 * fa + 2 * fc)
+        model = f"{args.utd_ratio} (Fa + 4Fc) + {args.actor_updates_per_step} (3Fa + 2Fc)"
+        what = (f"one env step's block: {args.utd_ratio} critic + {args.actor_updates_per_step} actor steps at batch "
+                f"{rows}, N {args.n_critics}")
+    else:
+        flop, model = 4 * fa + (9 if workload == "edac" else 6) * fc, "4Fa + 9Fc" if workload == "edac" else "4Fa + 6Fc"
+        what = f"one offline step (alpha, actor, critic{' + diversity' if workload == 'edac' else ''}, Polyak) at " \
+               f"batch {rows}, N {args.n_critics}"
+    return Setup("so2.py", ours, plain, torch.compile(compiled) if spec.compile else None, batch,
+                 {k: v[0] for k, v in batch.items()} if online else batch,
+                 [("actor", agent.actor, ref[0]), ("critic", agent.critic, ref[1]),
+                  ("critic_target", agent.critic_target, ref[2])], flop, model, what)
+
+
+def build_edac(spec: Spec) -> Setup:
+    m = algo("edac")
+    device, (obs_dim, act_dim) = torch.device(spec.device), (spec.obs_dim, spec.act_dim)
+    args = file_args(m, spec, **({} if spec.n_critics is None else {"n_critics": spec.n_critics}))
+    gen = torch.Generator().manual_seed(spec.seed)
+    torch.manual_seed(spec.seed)
+    actor = m.TanhGaussianActor(obs_dim, act_dim, log_std_min=-5.0, log_std_max=2.0, **hidden_kw(spec)).to(device)
+    critic = m.VectorizedCritic(obs_dim, act_dim, args.n_critics, **hidden_kw(spec)).to(device)
+    agent = m.Agent(actor, critic, m.VectorizedCritic(obs_dim, act_dim, args.n_critics, **hidden_kw(spec)).to(device),
+                    torch.zeros((), device=device, requires_grad=True))
+    agent.critic_target.load_state_dict(critic.state_dict())
+    rows = spec.batch or args.batch_size
+    batch = make_batch((rows,), obs_dim, act_dim, device, gen)
+    twin = copy.deepcopy(agent)
+    ref = (copy.deepcopy(actor), PlainCritic.like(critic), PlainCritic.like(agent.critic_target),
+           agent.log_alpha.detach().clone().requires_grad_(True))
+    ours = m.make_update_fns(agent, args, target_entropy=-float(act_dim))[0]
+    compiled = m.make_update_fns(twin, args, target_entropy=-float(act_dim))[0]
+    fa, fc = forward_flops(actor, rows), forward_flops(critic, rows)
+    return Setup("edac.py", ours, plain_offline_update(*ref, args, -float(act_dim)),
+                 torch.compile(compiled) if spec.compile else None, batch, batch,
+                 [("actor", actor, ref[0]), ("critic", critic, ref[1]), ("critic_target", agent.critic_target, ref[2])],
+                 4 * fa + (9 if args.eta > 0 else 6) * fc, "4Fa + 9Fc" if args.eta > 0 else "4Fa + 6Fc",
+                 f"one offline step (alpha, actor, critic + diversity eta {args.eta:g}, Polyak) at batch {rows}, "
+                 f"N {args.n_critics}")
+
+
+def build_cql(stem: str, spec: Spec) -> Setup:
+    m = algo(stem)
+    calibrated = stem == "cal_ql"
+    device, (obs_dim, act_dim) = torch.device(spec.device), (spec.obs_dim, spec.act_dim)
+    args = file_args(m, spec)
+    gen = torch.Generator().manual_seed(spec.seed)
+    torch.manual_seed(spec.seed)
+    if args.normalize_states:
+        mean, std = obs_stats(obs_dim, device, gen)
+    else:
+        mean, std = torch.zeros(obs_dim, device=device), torch.ones(obs_dim, device=device)
+    actor = m.Actor(obs_dim, act_dim, mean, std, **hidden_kw(spec)).to(device)
+    critic = m.Critic(obs_dim, act_dim, args.q_n_hidden_layers, mean, std).to(device)
+    m.init_weights(actor, critic, args.init)
+    agent = m.Agent(actor, critic, m.Critic(obs_dim, act_dim, args.q_n_hidden_layers, mean, std).to(device),
+                    torch.zeros((), device=device, requires_grad=True))
+    agent.critic_target.load_state_dict(critic.state_dict())
+    rows = spec.batch or args.batch_size
+    batch = make_batch((rows,), obs_dim, act_dim, device, gen)
+    if calibrated:  # V_mu of the rows, on the scale of the initial Q so that max(Q, V_mu) takes both branches
+        batch["mc_returns"] = (0.01 * torch.randn(rows, generator=gen)).to(device)
+    twin = copy.deepcopy(agent)
+    ref = (copy.deepcopy(actor), PlainCritic.like(critic), PlainCritic.like(agent.critic_target),
+           agent.log_alpha.detach().clone().requires_grad_(True))
+    ours = m.make_update_fns(agent, args, act_dim)[0]
+    compiled = m.make_update_fns(twin, args, act_dim)[0]
+    k = args.cql_n_actions
+    fa, fc = forward_flops(actor, rows), forward_flops(critic, rows)
+    return Setup(f"{stem}.py", ours, plain_cql_update(*ref, args, act_dim, calibrated),
+                 torch.compile(compiled) if spec.compile else None, batch, batch,
+                 [("actor", actor, ref[0]), ("critic", critic, ref[1]), ("critic_target", agent.critic_target, ref[2])],
+                 (4 + 2 * k) * fa + (6 + 9 * k) * fc, f"(4 + 2K) Fa + (6 + 9K) Fc, K = {k}",
+                 f"one offline step ({'calibrated ' if calibrated else ''}CQL penalty alpha {args.cql_alpha:g}, "
+                 f"{k} + {k} + {k} sampled actions per state) at batch {rows}, twin critics")
+
+
+def build_td3bc(spec: Spec) -> Setup:
+    m = algo("td3bc_ft")
+    device, (obs_dim, act_dim) = torch.device(spec.device), (spec.obs_dim, spec.act_dim)
+    args = file_args(m, spec)
+    gen = torch.Generator().manual_seed(spec.seed)
+    torch.manual_seed(spec.seed)
+    obs_mean, obs_std = obs_stats(obs_dim, device, gen)
+    actor = m.DeterministicActor(obs_dim, act_dim, obs_mean, obs_std, args.expl_noise, **hidden_kw(spec)).to(device)
+    critic = m.TwinCritic(obs_dim, act_dim, obs_mean, obs_std).to(device)
+    agent = m.Agent(actor, copy.deepcopy(actor), critic, copy.deepcopy(critic))
+    rows, freq = spec.batch or args.batch_size, args.policy_freq
+    batch = make_batch((freq, rows), obs_dim, act_dim, device, gen)
+    twin = copy.deepcopy(agent)
+    ref = (copy.deepcopy(actor), copy.deepcopy(agent.actor_target), PlainCritic.like(critic),
+           PlainCritic.like(agent.critic_target))
+
+    def offline_cycle(a):
+        """policy_freq steps of the file's train_offline: the critic every step, the actor on the last."""
+        optims = {"actor_optim": torch.optim.Adam(a.actor.parameters(), lr=args.actor_lr),
+                  "critic_optim": torch.optim.Adam(a.critic.parameters(), lr=args.critic_lr)}
+        update_critic, update_actor = m.make_update_fns(a, optims, args, bc=True)
+        if spec.compile and a is twin:  # as the file's --compile: each function on its own
+            update_critic, update_actor = torch.compile(update_critic), torch.compile(update_actor)
+
+        def cycle(b):
+            critic_loss = 0.0
+            for u in range(freq):
+                rows_u = {k: v[u] for k, v in b.items()}
+                critic_loss = critic_loss + update_critic(rows_u)["loss/critic"] / freq
+                if (u + 1) % freq == 0:
+                    out = update_actor(rows_u)
+            return {"loss/critic": critic_loss, **out}
+
+        return cycle
+
+    ours = offline_cycle(agent)
+    compiled = offline_cycle(twin) if spec.compile else None
+    fa, fc = forward_flops(actor, rows), forward_flops(critic, rows)
+    return Setup("td3bc_ft.py", ours, plain_td3bc_update(*ref, args), compiled,
+                 batch, {k: v[0] for k, v in batch.items()},
+                 [("actor", actor, ref[0]), ("actor_target", agent.actor_target, ref[1]), ("critic", critic, ref[2]),
+                  ("critic_target", agent.critic_target, ref[3])],
+                 freq * (fa + 4 * fc) + 3 * fa + fc, f"{freq} (Fa + 4Fc) + 3Fa + Fc",
+                 f"one policy_freq cycle = {freq} offline steps: {freq} critic steps, then 1 actor step and the "
+                 f"targets' Polyak, at batch {rows} (each step its own rows)")
+
+
+def build_awac(spec: Spec) -> Setup:
+    m = algo("awac")
+    device, (obs_dim, act_dim) = torch.device(spec.device), (spec.obs_dim, spec.act_dim)
+    args = file_args(m, spec)
+    gen = torch.Generator().manual_seed(spec.seed)
+    torch.manual_seed(spec.seed)
+    h = hidden_kw(spec)
+    agent = m.Agent(m.GaussianActor(obs_dim, act_dim, n_layers=args.actor_layers, log_std_min=-6.0, log_std_max=0.0,
+                                    sigmoid_log_std=True, **h),
+                    m.TwinQ(obs_dim, act_dim, n_layers=args.critic_layers, **h),
+                    m.TwinQ(obs_dim, act_dim, n_layers=args.critic_layers, **h))
+    m.rlkit_init([*agent.actor.hidden, agent.actor.mu], last_bound=1e-3)
+    m.rlkit_init(list(agent.critic.q.layers), last_bound=3e-3)
+    agent.critic_target.load_state_dict(agent.critic.state_dict())
+    obs_mean, obs_std = obs_stats(obs_dim, "cpu", gen)
+    for net in vars(agent).values():
+        if args.normalize_obs:
+            net.norm.mean.copy_(obs_mean)
+            net.norm.std.copy_(obs_std)
+        net.to(device)
+    rows = spec.batch or args.offline_batch_size
+    batch = make_batch((rows,), obs_dim, act_dim, device, gen)
+    twin = copy.deepcopy(agent)
+    ref = (copy.deepcopy(agent.actor), PlainCritic.like(agent.critic), PlainCritic.like(agent.critic_target))
+    ours = m.make_update(agent, args)[0]
+    compiled = m.make_update(twin, args)[0]
+    fa, fc = forward_flops(agent.actor, rows), forward_flops(agent.critic, rows)
+    return Setup("awac.py", ours, plain_awac_update(*ref, args), torch.compile(compiled) if spec.compile else None,
+                 batch, batch, [("actor", agent.actor, ref[0]), ("critic", agent.critic, ref[1]),
+                                ("critic_target", agent.critic_target, ref[2])],
+                 5 * fa + 6 * fc, "5Fa + 6Fc",
+                 f"one offline step ({args.weighting} weights beta {args.beta:g}; critic, actor, Polyak) at batch "
+                 f"{rows}, actor {args.actor_layers} x / critics {args.critic_layers} x hidden layers")
+
+
+def build_iql(spec: Spec) -> Setup:
+    m = algo("iql_ft")
+    device, (obs_dim, act_dim) = torch.device(spec.device), (spec.obs_dim, spec.act_dim)
+    args = file_args(m, spec)
+    gen = torch.Generator().manual_seed(spec.seed)
+    torch.manual_seed(spec.seed)
+    h = hidden_kw(spec)
+    agent = m.Agent(m.GaussianActor(obs_dim, act_dim, dropout=args.actor_dropout, **h), m.TwinQ(obs_dim, act_dim, **h),
+                    m.TwinQ(obs_dim, act_dim, **h), m.ValueNet(obs_dim, **h))
+    obs_mean, obs_std = obs_stats(obs_dim, "cpu", gen)
+    for net in vars(agent).values():
+        m.orthogonal_init(net)
+        if args.normalize_obs:
+            net.norm.mean.copy_(obs_mean)
+            net.norm.std.copy_(obs_std)
+        net.to(device)
+    agent.critic_target.load_state_dict(agent.critic.state_dict())
+    rows = spec.batch or args.batch_size
+    batch = make_batch((rows,), obs_dim, act_dim, device, gen)
+    twin = copy.deepcopy(agent)
+    ref = (copy.deepcopy(agent.actor), PlainCritic.like(agent.critic), PlainCritic.like(agent.critic_target),
+           copy.deepcopy(agent.value))
+
+    def offline_step(a, compile_it: bool):
+        """The file's train_offline step: the (optionally compiled) update, then the actor's cosine schedule."""
+        update, optims = m.make_update(a, args)
+        update = torch.compile(update) if compile_it else update
+
+        def step(b):
+            out = update(b)
+            optims["actor_schedule"].step()
+            return out
+
+        return step
+
+    fa, fc, fv = (forward_flops(net, rows) for net in (agent.actor, agent.critic, agent.value))
+    return Setup("iql_ft.py", offline_step(agent, False), plain_iql_update(*ref, args),
+                 offline_step(twin, True) if spec.compile else None, batch, batch,
+                 [("actor", agent.actor, ref[0]), ("critic", agent.critic, ref[1]),
+                  ("critic_target", agent.critic_target, ref[2]), ("value", agent.value, ref[3])],
+                 3 * fa + 4 * fc + 5 * fv, "3Fa + 4Fc + 5Fv",
+                 f"one offline step (V expectile {args.expectile:g}, AWR actor beta {args.beta:g}, Q, Polyak, cosine "
+                 f"lr step) at batch {rows}")
+
+
+def build(workload: str, spec: Spec) -> Setup:
+    if workload in SO2_WORKLOADS:
+        return build_so2(workload, spec)
+    builders = {"edac.py": build_edac, "cql_ft.py": functools.partial(build_cql, "cql_ft"),
+                "cal_ql.py": functools.partial(build_cql, "cal_ql"), "td3bc_ft.py": build_td3bc,
+                "awac.py": build_awac, "iql_ft.py": build_iql}
+    return builders[workload](spec)
 
 
 def timed(fn, batch, iters, device) -> float:
@@ -227,62 +754,78 @@ class Variant:
     iters: int = 1
 
 
-def checks(agent: so2.Agent, ref: tuple, make_ours, make_ref, batch, online: bool, seed: int) -> dict[str, float]:
-    """Forward equality of the copied critics, then one update of each from the same RNG state."""
-    actor, critic, target, _ = ref
-    b = {k: v[0] for k, v in batch.items()} if online else batch
+def max_abs(pairs) -> float:
+    return max((a - b).abs().max().item() for a, b in pairs)
+
+
+def param_pairs(ours: nn.Module, ref: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    if isinstance(ref, PlainCritic):
+        return [(x, y) for p, q in zip(member_linears(ours), plain_linears(ref)) for x, y in zip(p, q)]
+    return list(zip(ours.parameters(), ref.parameters()))
+
+
+def checks(s: Setup, seed: int, updates: int = 1) -> dict[str, float]:
+    """Forward equality of the copied critics, then `updates` updates of each from the same RNG state: relative
+    difference of every loss the reference returns (last update), max |dW| over every network's weights, and
+    rel dW = |W_file - W_ref| / |W_file - W_initial| (2-norms per trained network, the largest): how far apart
+    the two end up, as a share of how far the updates moved the weights."""
+    b = s.check_batch
+    critics = [(ours, ref) for _, ours, ref in s.nets if isinstance(ref, PlainCritic)]
     with torch.no_grad():
-        dq = max((agent.critic(b["observations"], b["actions"]) - critic(b["observations"], b["actions"])).abs().max().item(),
-                 (agent.critic_target(b["next_observations"], b["actions"])
-                  - target(b["next_observations"], b["actions"])).abs().max().item())
-    if dq > 1e-5:
-        raise SystemExit(f"the plain critics do not reproduce so2.py's VectorizedCritic: max |dQ| = {dq:.2e}")
-    torch.manual_seed(seed)
-    ours = make_ours(batch)
-    torch.manual_seed(seed)
-    theirs = make_ref(batch)
+        qs = [(ours(o, b["actions"]), ref(o, b["actions"])) for ours, ref in critics
+              for o in (b["observations"], b["next_observations"])]
+        dq, scale = max_abs(qs), max(q.abs().max().item() for q, _ in qs)
+    if dq > 1e-5 * max(1.0, scale):
+        raise SystemExit(f"the plain critics do not reproduce {s.file}'s critics: max |dQ| = {dq:.2e}")
+    before = [[x.detach().clone() for x, _ in param_pairs(o, r)] for _, o, r in s.nets]
+    for _ in range(updates):
+        torch.manual_seed(seed)
+        ours = s.ours(s.batch)
+        torch.manual_seed(seed)
+        theirs = s.plain(s.batch)
     out = {"max |dQ|": dq}
     for k in theirs:
         x, y = float(ours[k]), float(theirs[k])
         out[f"rel d {k}"] = abs(x - y) / max(abs(y), 1e-8)
-    with torch.no_grad():  # critic weights after the update, member 0 and member N-1
-        dw = max((layer.weight[i] - [m for m in critic.qs[i] if isinstance(m, nn.Linear)][j].weight.T).abs().max().item()
-                 for j, layer in enumerate(agent.critic.layers) for i in (0, agent.critic.n_critics - 1))
-    out["max |dW| after"] = dw
+    with torch.no_grad():
+        pairs = [param_pairs(o, r) for _, o, r in s.nets]
+        out["max |dW| after"] = max(max_abs(p) for p in pairs)
+        # Targets move by tau x a step, near float32's resolution of the weights, so Polyak's rounding alone would
+        # be a large share of their movement: they count in max |dW| only.
+        out["rel dW"] = max(norm(x - y for x, y in p) / max(norm(x - w for (x, _), w in zip(p, b0)), 1e-30)
+                            for p, b0, (name, _, _) in zip(pairs, before, s.nets) if not name.endswith("target"))
     return out
 
 
-def run_workload(cfg: Config, size: str, workload: str, device) -> tuple[list[Variant], dict[str, float], str]:
-    obs_dim, act_dim, n = SIZES[size]
-    online = workload == "so2"
-    args = so2.Args(n_critics=n, eta=1.0 if workload == "edac" else 0.0)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    agent = make_agent(obs_dim, act_dim, n, device, online)
-    lead = (args.utd_ratio, args.online_batch_size) if online else (args.batch_size,)
-    batch = make_batch(lead, obs_dim, act_dim, device, gen)
-    compiled_agent = clone_agent(agent)
-    ref = (copy.deepcopy(agent.actor), PlainCritic(obs_dim, act_dim, n).to(device).copy_from(agent.critic),
-           PlainCritic(obs_dim, act_dim, n).to(device).copy_from(agent.critic_target),
-           agent.log_alpha.detach().clone().requires_grad_(agent.log_alpha.requires_grad))
-    if online:
-        ours, _ = so2.make_online_update(agent, args)
-        plain = plain_online_update(*ref, args)
-        compiled = so2.make_online_update(compiled_agent, args)[0]
-    else:
-        ours, _ = so2.make_offline_update(agent, args, target_entropy=-float(act_dim))
-        plain = plain_offline_update(*ref, args, target_entropy=-float(act_dim))
-        compiled = so2.make_offline_update(compiled_agent, args, target_entropy=-float(act_dim))[0]
-    check = checks(agent, ref, ours, plain, batch, online, cfg.seed)
-    variants = [Variant("plain reference", plain), Variant("so2.py eager", ours)]
-    if cfg.compile:
-        torch._dynamo.reset()
-        torch._dynamo.utils.counters.clear()
-        variants.append(Variant("so2.py torch.compile", torch.compile(compiled)))
+def norm(tensors) -> float:
+    return math.sqrt(sum(t.double().pow(2).sum().item() for t in tensors))
+
+
+def check_failed(check: dict[str, float]) -> str:
+    """Why a check says the two updates compute different things ('' if it does not). Float32 sums taken in
+    another order differ by ~1e-7 relative, and Adam's step g / (sqrt(v) + eps) magnifies that for the few weights
+    whose gradient nearly cancels (max |dW| then reaches a sizeable part of a step), so the weights are judged by
+    rel dW: a different gradient moves most weights differently, and rel dW towards 1."""
+    bad = [f"{k} {v:.1e}" for k, v in check.items() if k.startswith("rel d ") and v > 1e-4]
+    if check["rel dW"] > 1e-2:
+        bad.append(f"rel dW {check['rel dW']:.1e}")
+    return ", ".join(bad)
+
+
+def run_workload(cfg: Config, workload: str, spec: Spec, device) -> tuple[list[Variant], dict[str, float], Setup]:
+    s = build(workload, spec)
+    check = checks(s, cfg.seed)
+    if failed := check_failed(check):
+        raise SystemExit(f"{workload}: the plain reference and {s.file} disagree after one update: {failed}")
+    variants = [Variant("plain reference", s.plain), Variant(f"{s.file} eager", s.ours)]
+    if s.compiled is not None:
+        variants.append(Variant(f"{s.file} torch.compile", s.compiled))
     for v in variants:  # warm-up; the check above was already a first call of the eager variants
         try:
             compiling = "compile" in v.name
-            v.times = [timed(v.fn, batch, 1, device) for _ in range(max(cfg.warmup, 3 if compiling else 1))]
+            if compiling:
+                torch._dynamo.utils.counters.clear()
+            v.times = [timed(v.fn, s.batch, 1, device) for _ in range(max(cfg.warmup, 3 if compiling else 1))]
             v.iters = max(1, round(cfg.round_seconds / v.times[-1]))
             if compiling:
                 c = torch._dynamo.utils.counters
@@ -297,107 +840,138 @@ def run_workload(cfg: Config, size: str, workload: str, device) -> tuple[list[Va
         v.times = []
     for r in range(max(3, min(cfg.rounds, int(cfg.workload_seconds / round_s)))):
         for v in live[r % len(live):] + live[: r % len(live)]:  # rotate the order every round
-            v.times.append(timed(v.fn, batch, v.iters, device))
-    return variants, check, f"{size} {workload}"
+            v.times.append(timed(v.fn, s.batch, v.iters, device))
+    return variants, check, s
+
+
+def jobs(cfg: Config) -> list[tuple[str, str, Spec]]:
+    """(label, workload, spec) in run order: so2.py's workloads per size, then the baselines at walker2d sizes."""
+    sizes = [s for s in cfg.sizes if not ((cfg.quick or cfg.skip_n50) and s == "hopper-n50")]
+    common = dict(device=cfg.device, seed=cfg.seed, compile=cfg.compile)
+    out = [(f"{size} {w}", w, Spec(*SIZES[size], **common)) for size in sizes for w in cfg.workloads
+           if w in SO2_WORKLOADS]
+    return out + [(f"walker2d {w}", w, Spec(17, 6, **common)) for w in cfg.workloads if w in BASELINES]
+
+
+def build_file(workload: str) -> str:
+    return "so2.py" if workload in SO2_WORKLOADS else workload
 
 
 def main(cfg: Config) -> None:
     if cfg.quick:
         cfg.rounds, cfg.warmup, cfg.round_seconds = 3, 1, 0.3
-    sizes = [s for s in cfg.sizes if not ((cfg.quick or cfg.skip_n50) and s == "hopper-n50")]
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    torch._dynamo.config.recompile_limit = 64  # one compiled closure per workload shares so2.py's code objects
+    # one compiled closure per workload shares the files' code objects
+    torch._dynamo.config.recompile_limit = 64
     device, start, load = torch.device(cfg.device), time.time(), [os.getloadavg()[0]]
     rates = matmul_rates(device)
-    info = {"device": so2.device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "so2": hashlib.sha256((ROOT / "algorithms" / "so2.py").read_bytes()).hexdigest()[:12]}
+    todo = jobs(cfg)
+    files = sorted({build_file(w) for _, w, _ in todo})
+    info = {"device": algo("so2").device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "files": {f: hashlib.sha256((ROOT / "algorithms" / f).read_bytes()).hexdigest()[:12] for f in files}}
     print(f"{info['device']}; torch {info['torch']}; threads {info['threads']}; matmul rate "
           + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in rates.items()), flush=True)
-    rows, checks_md, ratios = [], [], {}
+    rows, checks_md, flops_md, ratios = [], [], [], {}
     print(HEAD)
-    for size in sizes:
-        for workload in cfg.workloads:
-            (obs_dim, act_dim, n), args = SIZES[size], so2.Args(n_critics=SIZES[size][2])
-            batch = args.online_batch_size if workload == "so2" else args.batch_size
-            flop, t0 = flops_per_call(workload, obs_dim, act_dim, n, batch, args), time.time()
-            variants, check, name = run_workload(cfg, size, workload, device)
-            checks_md.append(f"| {name} | " + ", ".join(f"{k} {v:.1e}" for k, v in check.items()) + " |")
-            for v in variants:
-                res = {"name": name, "variant": v.name, "error": v.error, "flop": flop, "note": v.note}
-                if not v.error:
-                    res.update(ms=statistics.median(v.times) * 1e3, calls=f"{v.iters}x{len(v.times)}",
-                               ratio=statistics.median(r / t for r, t in zip(variants[0].times, v.times)),
-                               spread=(max(v.times) - min(v.times)) / statistics.median(v.times) * 100)
-                    ratios[(size, workload, v.name)] = res["ratio"]  # per round, then the median
-                rows.append(res)
-                print(table_row(res, max(rates.values())), flush=True)
-            print(f"  ({name}: {flop / 1e9:.1f} GFLOP per update, {time.time() - t0:.0f} s; "
-                  + ", ".join(f"{k} {v:.1e}" for k, v in check.items()) + ")", flush=True)
-            load.append(os.getloadavg()[0])
-            if cfg.out:  # after every workload, so that a run cut short keeps what it measured
-                write_report(cfg, info, rates, rows, checks_md, ratios, load, time.time() - start, final=False)
+    for label, workload, spec in todo:
+        t0 = time.time()
+        torch._dynamo.reset()
+        variants, check, s = run_workload(cfg, workload, spec, device)
+        checks_md.append(f"| {label} | " + ", ".join(f"{k} {v:.1e}" for k, v in check.items()).replace("|", "\\|")
+                         + " |")
+        gflop = "n/a" if s.flop is None else f"{s.flop / 1e9:.2f}"
+        flops_md.append(f"| {label} | {s.what} | {s.flop_model} | {gflop} |")
+        for v in variants:
+            res = {"name": label, "variant": v.name, "error": v.error, "flop": s.flop, "note": v.note}
+            if not v.error:
+                res.update(ms=statistics.median(v.times) * 1e3, calls=f"{v.iters}x{len(v.times)}",
+                           ratio=statistics.median(r / t for r, t in zip(variants[0].times, v.times)),
+                           spread=(max(v.times) - min(v.times)) / statistics.median(v.times) * 100)
+                ratios[(label, v.name)] = res["ratio"]  # per round, then the median
+            rows.append(res)
+            print(table_row(res, max(rates.values())), flush=True)
+        print(f"  ({label}: {gflop} GFLOP per call, {time.time() - t0:.0f} s; "
+              + ", ".join(f"{k} {v:.1e}" for k, v in check.items()) + ")", flush=True)
+        load.append(os.getloadavg()[0])
+        if cfg.out:  # after every workload, so that a run cut short keeps what it measured
+            write_report(cfg, info, rates, rows, checks_md, flops_md, ratios, load, time.time() - start, final=False)
     rates = {k: max(v, w) for (k, v), w in zip(rates.items(), matmul_rates(device).values())}  # start and end
-    verdict = write_report(cfg, info, rates, rows, checks_md, ratios, load, time.time() - start, final=True)
+    verdict = write_report(cfg, info, rates, rows, checks_md, flops_md, ratios, load, time.time() - start, final=True)
     print(f"target (walker2d-n10 EDAC >= 1.5x the plain reference): {verdict}\n"
           f"total {(time.time() - start) / 60:.1f} min")
 
 
-HEAD = f"| {'workload':<20} | {'variant':<22} | ms/update | updates/s | vs reference | % of matmul rate | notes |"
+HEAD = f"| {'workload':<22} | {'variant':<25} | ms/update | updates/s | vs reference | % of matmul rate | notes |"
 
 
 def table_row(r: dict, peak: float) -> str:
     if r["error"]:
-        return f"| {r['name']:<20} | {r['variant']:<22} | failed | | | | {r['error']} |"
-    return (f"| {r['name']:<20} | {r['variant']:<22} | {r['ms']:9.1f} | {1e3 / r['ms']:9.3f} | {r['ratio']:11.2f}x | "
-            f"{r['flop'] / r['ms'] / 1e6 / peak * 100:15.1f}% | {r['calls']} calls, range {r['spread']:.0f}%"
-            f"{'; ' + r['note'] if r['note'] else ''} |")
+        return f"| {r['name']:<22} | {r['variant']:<25} | failed | | | | {r['error']} |"
+    pct = "n/a" if r["flop"] is None else f"{r['flop'] / r['ms'] / 1e6 / peak * 100:.1f}%"
+    return (f"| {r['name']:<22} | {r['variant']:<25} | {r['ms']:9.1f} | {1e3 / r['ms']:9.3f} | {r['ratio']:11.2f}x | "
+            f"{pct:>16} | {r['calls']} calls, range {r['spread']:.0f}%{'; ' + r['note'] if r['note'] else ''} |")
 
 
-def write_report(cfg, info, rates, rows, checks_md, ratios, load, elapsed, final) -> str:
-    eager, comp = (ratios.get(("walker2d-n10", "edac", f"so2.py {k}")) for k in ("eager", "torch.compile"))
+def write_report(cfg, info, rates, rows, checks_md, flops_md, ratios, load, elapsed, final) -> str:
+    eager, comp = (ratios.get(("walker2d-n10 edac", f"so2.py {k}")) for k in ("eager", "torch.compile"))
     verdict = ("not measured (walker2d-n10 edac was not run)" if eager is None else
                f"{'met' if eager >= 1.5 else 'NOT met'}: so2.py's eager EDAC update is {eager:.2f}x the plain "
                f"reference" + (f" ({comp:.2f}x under torch.compile)" if comp else ""))
     if not cfg.out:
         return verdict
-    said = "; ".join(f"{s} {w} {v.removeprefix('so2.py ')} {r:.2f}x" for (s, w, v), r in ratios.items()
+    said = "; ".join(f"{label} {v.split(' ', 1)[1]} {r:.2f}x" for (label, v), r in ratios.items()
                      if v != "plain reference")
     busy = max(load) > os.cpu_count()
     lines = [
-        "# Update speed of algorithms/so2.py" + ("" if final else " (partial: the run is still going or was cut short)"), "",
+        "# Update speed of the algorithm files against plain references"
+        + ("" if final else " (partial: the run is still going or was cut short)"), "",
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
         f"- device: {info['device']}; torch {info['torch']}; {info['threads']} threads; python {sys.version.split()[0]}",
         "- matmul rate (fp32, best of 7 repeats at start and end): " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in rates.items()),
-        f"- command: `python benchmark/speed.py {' '.join(sys.argv[1:])}`; algorithms/so2.py sha256 {info['so2']}…",
+        f"- command: `python benchmark/speed.py {shlex.join(sys.argv[1:])}`; sha256 of the files timed: "
+        + ", ".join(f"{f} {h}…" for f, h in info["files"].items()),
         f"- {cfg.rounds} round-robin rounds, {cfg.warmup} warm-up calls (compiled: >= 3), >= {cfg.round_seconds} s "
         f"per variant per round; 1-min load average {min(load):.1f} to {max(load):.1f} on {os.cpu_count()} cores; "
-        f"runtime {elapsed / 60:.1f} min", "",
+        f"runtime {elapsed / 60:.1f} min", *([f"- {cfg.note}"] if cfg.note else []), "",
         HEAD, "|" + "---|" * 7, *(table_row(r, max(rates.values())) for r in rows), "",
-        "An *update* is one call of the update function: for edac / sac-n one offline gradient step (alpha, actor, "
-        "critic, Polyak) at batch 256; for so2 one env step's block, 10 critic + 10 actor steps at batch 2560. "
-        "`ms/update` is the median over rounds; `vs reference` the median over rounds of the reference's time over "
-        "the variant's in the same round; `range` (max - min) / median over rounds; `AxB calls` calls per round x "
-        "rounds.", "",
-        "**FLOP model.** A critic costs (obs+act)*256 + 2*256*256 + 256 multiply-adds per sample, so the forward of N "
-        "critics at batch B is Fc = 2*MACs*B*N FLOPs (the actor's Fa likewise, with its two 256*act heads). A "
-        "backward counts 2x its forward, an input-only one (actor loss through frozen critics, dQ/da) 1x. EDAC = "
-        "4Fa + 6Fc + 3Fc (diversity: dQ/da on the TD forward and its backward), SAC-N = 4Fa + 6Fc, an SO2 block = "
-        "10 (Fa + 4Fc) + 10 (3Fa + 2Fc): the work so2.py needs, also for the reference, which does more (a second "
-        "critic forward for the diversity term, critic weight gradients in the actor loss). `% of matmul rate` = "
-        "these FLOP/s over the better measured matmul rate; elementwise ops, optimizer steps and Python overhead "
-        "show up as the missing percent (at batch 2560 a matmul runs faster than at 256, so > 100% is possible).", "",
+        "An *update* is one call of the timed function (below). `ms/update` is the median over rounds; `vs reference` "
+        "the median over rounds of the reference's time over the variant's in the same round; `range` (max - min) / "
+        "median over rounds; `AxB calls` calls per round x rounds. so2.py's workloads use its Args at the sizes named "
+        "(obs, act, N); the baselines use their own file's Args for walker2d-medium (obs 17, act 6), built as each "
+        "file's main() builds them, with stand-in observation statistics where the file standardises observations. "
+        "torch.compile wraps what the file's --compile wraps (td3bc_ft.py: its critic and actor functions apart; "
+        "iql_ft.py: the update, with the cosine schedule stepped outside).", "",
+        "**Plain references.** One `nn.Sequential` per critic called in a Python loop (twin critics as two modules, "
+        "one Adam each, as CORL), losses written as CORL writes them (separate backward passes, critic weight "
+        "gradients computed in the actor loss and thrown away, `F.mse_loss`, `torch.distributions.Normal` "
+        "log-likelihoods), per-parameter Polyak. Actors (and IQL's V) are deep copies of the file's own modules. "
+        "Random numbers are drawn in the file's order.", "",
+        "**FLOP model.** Fa, Fc, Fv = forward FLOPs of the actor, the whole critic ensemble and V at the call's batch "
+        "(2 x multiply-adds of every linear layer x rows). A backward counts 2x its forward, an input-only one "
+        "(actor loss through frozen critics) 1x. The count is the work the method needs (e.g. EDAC's diversity term "
+        "on the TD forward, TD3's actor through Q1 only), not the reference's extra work (second critic forwards, "
+        "critic weight gradients in the actor loss). `% of matmul rate` = these FLOP/s over the better measured "
+        "matmul rate; elementwise ops, optimizer steps and Python overhead show up as the missing percent (at batch "
+        "2560 a matmul runs faster than at 256, so > 100% is possible).", "",
+        "| workload | one call | FLOP model | GFLOP |", "|---|---|---|---|", *flops_md, "",
         "**Checks** before timing (same initial weights; one update of each from the same seed on the same batch): "
-        "max |dQ| between so2.py's critics and the copied Sequentials, relative difference of each returned loss, "
-        "max |dW| of critic weights after that update.", "", "| workload | checks |", "|---|---|", *checks_md, "",
+        "max |dQ| between the file's critics and the copied Sequentials (critics and targets, at s and s'), relative "
+        "difference of each loss the reference returns, max |dW| over every network's weights after that update "
+        "(critics, targets, actor, V), and rel dW = |W_file - W_ref| / |W_file - W_initial| (2-norm per trained "
+        "network, targets left out, the largest): the gap as a share of how far the update moved the weights. A "
+        "workload is timed only if the losses agree to 1e-4 and rel dW < 1e-2. max |dW| can reach a good part of "
+        "one Adam step (lr) where a weight's gradient nearly cancels: Adam's g / (sqrt(v) + eps) turns the ~1e-7 "
+        "relative rounding of float32 sums taken in another order into a step of either sign there.", "",
+        "| workload | checks |", "|---|---|", *checks_md, "",
         f"**Target** (so2.py's EDAC offline update >= 1.5x the plain reference, walker2d-n10, same run): {verdict}.", "",
         f"**What the numbers say.** Speed-ups over the plain reference: {said}. "
         + ("The machine was busy with other jobs during the run (load above the core count), so absolute times are "
            "noisy and the per-round ratios are the numbers to trust. " if busy else "")
         + (f"With {info['threads']} threads every op is a parallel region, and the reference's per-critic loop has "
            "~N times more, smaller ones; when other processes hold the cores, each region waits for its slowest "
-           "thread, which inflates the reference's time more than so2.py's: compare a `--threads 1` run before "
-           "reading the ratio as a property of the code. " if info["threads"] > 1 else "")
+           "thread, which inflates the reference's time more than the vectorised code's: compare a `--threads 1` run "
+           "before reading the ratio as a property of the code. " if info["threads"] > 1 else "")
         + "A `% of matmul rate` well below 100 means the time goes to elementwise ops, optimizer steps, dispatch "
         "and waiting rather than to matmuls.", ""]
     path = ROOT / cfg.out
