@@ -927,8 +927,10 @@ def write_report(cfg, info, rates, rows, checks_md, flops_md, ratios, load, elap
         "# Update speed of the algorithm files against plain references"
         + ("" if final else " (partial: the run is still going or was cut short)"), "",
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
-        f"- device: {info['device']}; torch {info['torch']}; {info['threads']} threads; python {sys.version.split()[0]}",
-        "- matmul rate (fp32, best of 7 repeats at start and end): " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in rates.items()),
+        f"- device: {info['device']}; torch {info['torch']}; {info['threads']} threads; "
+        f"python {sys.version.split()[0]}",
+        "- matmul rate (fp32, best of 7 repeats at start and end): "
+        + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in rates.items()),
         f"- command: `python benchmark/speed.py {shlex.join(sys.argv[1:])}`; sha256 of the files timed: "
         + ", ".join(f"{f} {h}…" for f, h in info["files"].items()),
         f"- {cfg.rounds} round-robin rounds, {cfg.warmup} warm-up calls (compiled: >= 3), >= {cfg.round_seconds} s "
@@ -964,7 +966,8 @@ def write_report(cfg, info, rates, rows, checks_md, flops_md, ratios, load, elap
         "one Adam step (lr) where a weight's gradient nearly cancels: Adam's g / (sqrt(v) + eps) turns the ~1e-7 "
         "relative rounding of float32 sums taken in another order into a step of either sign there.", "",
         "| workload | checks |", "|---|---|", *checks_md, "",
-        f"**Target** (so2.py's EDAC offline update >= 1.5x the plain reference, walker2d-n10, same run): {verdict}.", "",
+        f"**Target** (so2.py's EDAC offline update >= 1.5x the plain reference, walker2d-n10, same run): "
+        f"{verdict}.", "",
         f"**What the numbers say.** Speed-ups over the plain reference: {said}. "
         + ("The machine was busy with other jobs during the run (load above the core count), so absolute times are "
            "noisy and the per-round ratios are the numbers to trust. " if busy else "")
