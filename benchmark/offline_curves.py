@@ -134,12 +134,16 @@ def behaviour_score(args: Args) -> tuple[float, float, int]:
     return float(scores.mean()), float(scores.std()), len(scores)
 
 
+READING = "## Reading"  # a hand-written section that starts with this heading is kept when the report is rewritten
+
+
 def report(args: Args, budget: dict[str, int]) -> None:
     runs = {(m, s): find_run(args, m, s, n) for m, n in budget.items() for s in args.seeds}
+    mean, std, n_eps = behaviour_score(args)
     curves, lines = {}, []
     for (method, seed), run in runs.items():
         if run is None:
-            lines.append(f"| {method} | {seed} | {budget[method]:,} | not run | | | | |")
+            lines.append(f"| {method} | {seed} | {budget[method]:,} | not run | | | | | |")
             continue
         rows = [r for r in read_rows(run) if r["phase"] == "offline"]
         config = json.loads((run / "config.json").read_text())
@@ -153,10 +157,10 @@ def report(args: Args, budget: dict[str, int]) -> None:
             shutil.copy2(run / name, keep / name)
         series = ", ".join(f"{r['normalized_score']:.1f}" for r in rows)
         final = f"{rows[-1]['normalized_score']:.1f}" if rows else ""
+        gap = f"{rows[-1]['normalized_score'] - mean:+.1f}" if rows else ""
         best = f"{max(r['normalized_score'] for r in rows):.1f}" if rows else ""
-        lines.append(f"| {method} | {seed} | {done} / {budget[method]:,} | {wall:.0f} min | {final} | {best} | "
+        lines.append(f"| {method} | {seed} | {done} / {budget[method]:,} | {wall:.0f} min | {final} | {gap} | {best} | "
                      f"{series} | `{run.name}`, {config.get('device_name', '')} |")
-    mean, std, n_eps = behaviour_score(args)
     out = ROOT / f"{args.out}_{args.env_id}"
     plot(curves, mean, out.with_suffix(".png"), args.env_id)
     text = [
@@ -170,10 +174,14 @@ def report(args: Args, budget: dict[str, int]) -> None:
         f"`config.json` and `eval.jsonl` are copied to `{out.name}/<run>/`.", "",
         f"Behaviour policy (the dataset's {n_eps:,} complete episodes): normalised score {mean:.1f} +- {std:.1f}.", "",
         f"![curves]({out.with_suffix('.png').name})", "",
-        "| method | seed | gradient steps (done / budget) | wall time | final score | best score | "
-        "score at each evaluation | run, device |", "|---|---|---|---|---|---|---|---|", *lines, ""]
-    out.with_suffix(".md").parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text("\n".join(text))
+        "| method | seed | gradient steps (done / budget) | wall time | final score | final - behaviour | best score | "
+        "score at each evaluation | run, device |", "|---|---|---|---|---|---|---|---|---|", *lines, ""]
+    md = out.with_suffix(".md")
+    old = md.read_text() if md.is_file() else ""
+    if READING in old:  # what a person wrote about the numbers survives a rewrite of the numbers
+        text.append(old[old.index(READING):].rstrip("\n") + "\n")
+    md.parent.mkdir(parents=True, exist_ok=True)
+    md.write_text("\n".join(text))
     print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.png').name}")
 
 

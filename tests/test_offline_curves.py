@@ -44,9 +44,12 @@ def test_runs_then_skips_and_reports(tmp_path, hopper_file, curves, capsys):  # 
     mean, std, n = curves.behaviour_score(args)
     assert n == n_complete and f"{n:,} complete episodes): normalised score {mean:.1f} +- {std:.1f}" in md
 
+    report = tmp_path / "report_hopper-medium.md"
+    report.write_text(md + "\n## Reading\n- written by hand\n")
     capsys.readouterr()
-    curves.main(args)  # complete runs are not run again
+    curves.main(args)  # complete runs are not run again; the hand-written section stays
     assert capsys.readouterr().out.count("complete in") == 2
+    assert report.read_text().endswith("## Reading\n- written by hand\n")
     assert {d.name for d in (tmp_path / "runs").iterdir()} == {d.name for d in runs.values()}
 
 
