@@ -34,9 +34,9 @@ import tyro
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("td3bc_ft", "iql_ft", "awac", "cql_ft", "cal_ql", "edac")
-# Gradient-step budgets of roughly 15-20 min each, single-threaded, on the 2-core development CPU while other jobs
-# shared it (calibrated on hopper-medium: TD3+BC, IQL, AWAC about 30-40 updates/s; CQL and Cal-QL about 2.5/s, their
-# 10 sampled actions x 3 action sets multiply the critic's batch by 30; EDAC at N = 50 about 1/s).
+# Gradient-step budgets of 10-22 min each on hopper-medium, single-threaded, on the 2-core development CPU while other
+# jobs shared it (measured: TD3+BC 22 min, IQL 11, AWAC 13, CQL 15, Cal-QL 16, EDAC 10; CQL and Cal-QL make about
+# 3 updates/s, their 10 sampled actions x 3 action sets multiply the critic's batch by 30; EDAC at N = 50 about 1.3/s).
 BUDGETS = {"td3bc_ft": 40_000, "iql_ft": 30_000, "awac": 30_000, "cql_ft": 2_500, "cal_ql": 2_500, "edac": 800}
 
 
@@ -195,7 +195,7 @@ def plot(curves: dict, behaviour: float, path: Path, env_id: str) -> None:
         if pts:
             ax.plot(*zip(*pts), marker="o", markersize=3, label=f"{method} (seed {seed})")
     ax.axhline(behaviour, color="k", linestyle="--", linewidth=1, label="behaviour policy")
-    ax.set_xscale("symlog", linthresh=1000)  # budgets span 800 (EDAC) to 40k steps
+    ax.set_xscale("log")  # budgets span 800 (EDAC) to 40k steps
     ax.set_xlabel("offline gradient steps")
     ax.set_ylabel("normalised score")
     ax.set_title(f"{env_id}: offline training")
