@@ -5,7 +5,7 @@ default, so it can run in the background of a 2-core machine), then writes a Mar
 score against gradient steps. Each method gets its own step budget (`BUDGETS`, or `--steps METHOD=N`): the methods
 cost from a few ms (TD3+BC) to most of a second (EDAC at hopper's N = 50) per update on a CPU, so equal steps would
 mean unequal hours. The report says what each run got, in steps and in wall time, and the behaviour policy's score is
-the mean normalised return of the dataset's complete episodes.
+the mean normalised return of the dataset's episodes.
 
     python benchmark/offline_curves.py --env-id hopper-medium --data rebuilt            # run what is missing, report
     python benchmark/offline_curves.py --report-only                                   # only rewrite the report
@@ -51,7 +51,7 @@ class Args:
     evals: int = 10  # evaluations per run, evenly spaced over its budget
     eval_episodes: int = 10  # episodes per evaluation
     threads: int = 1  # torch threads of each run
-    runs_dir: str = "runs/offline_curves"  # where the runs' directories go
+    runs_dir: str = "runs/offline_curves"  # where the runs' directories go (relative to the current directory)
     out: str = "results/offline_curves"  # report prefix: <out>_<env-id>.md and .png
     report_only: bool = False  # do not run anything, only rewrite the report from the runs there are
     extra: tuple[str, ...] = field(default_factory=tuple)  # further flags for every algorithm, e.g. --device cuda
@@ -89,7 +89,8 @@ def find_run(args: Args, method: str, seed: int, steps: int) -> Path | None:
         if (a.get("offline_steps"), a.get("data"), a.get("dataset"), a.get("online_steps")) == (
                 steps, args.data, args.dataset, 0):
             found.append(d)
-    return max(found, key=lambda d: d.stat().st_mtime) if found else None
+    # a complete run first, then the latest started (the directory name ends with the start time)
+    return max(found, key=lambda d: (complete(d, steps), d.name.split("__")[-1])) if found else None
 
 
 def complete(run: Path, steps: int) -> bool:
@@ -126,8 +127,11 @@ def behaviour_score(args: Args) -> tuple[float, float, int]:
         sys.modules["algo_so2"] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(sys.modules["algo_so2"])
     so2 = sys.modules["algo_so2"]
-    task = so2.resolve_task(args.env_id, args.data, args.dataset)
-    data, _ = so2.load_dataset(task, args.dataset)
+    try:
+        task = so2.resolve_task(args.env_id, args.data, args.dataset)
+        data, _ = so2.load_dataset(task, args.dataset)
+    except so2.RunError as e:  # the data block's own message says what to do
+        raise SystemExit(str(e)) from None
     ends = np.flatnonzero((data["terminated"] + data["truncated"]).reshape(-1) > 0)
     returns = [seg.sum() for seg in np.split(data["rewards"].reshape(-1), ends + 1)[: len(ends)]]
     scores = np.asarray(so2.normalized_score(task.family, np.asarray(returns)))
@@ -139,6 +143,9 @@ READING = "## Reading"  # a hand-written section that starts with this heading i
 
 def report(args: Args, budget: dict[str, int]) -> None:
     runs = {(m, s): find_run(args, m, s, n) for m, n in budget.items() for s in args.seeds}
+    if not any(runs.values()):  # rather than overwrite a report with a table of "not run"
+        raise SystemExit(f"no runs of {', '.join(budget)} on {args.env_id} in {args.runs_dir} (with these budgets); "
+                         f"pass the --runs-dir (and --steps) they were made with")
     mean, std, n_eps = behaviour_score(args)
     curves, lines = {}, []
     for (method, seed), run in runs.items():
@@ -172,7 +179,7 @@ def report(args: Args, budget: dict[str, int]) -> None:
         f"{args.evals} gradient steps, {args.threads} torch thread(s). Wall time runs from the run's start (data "
         f"loading included) to its last evaluation (a resumed run's includes the time it was stopped). Each run's "
         f"`config.json` and `eval.jsonl` are copied to `{out.name}/<run>/`.", "",
-        f"Behaviour policy (the dataset's {n_eps:,} complete episodes): normalised score {mean:.1f} +- {std:.1f}.", "",
+        f"Behaviour policy (the dataset's {n_eps:,} episodes): normalised score {mean:.1f} +- {std:.1f}.", "",
         f"![curves]({out.with_suffix('.png').name})", "",
         "| method | seed | gradient steps (done / budget) | wall time | final score | final - behaviour | best score | "
         "score at each evaluation | run, device |", "|---|---|---|---|---|---|---|---|---|", *lines, ""]
@@ -207,7 +214,11 @@ def plot(curves: dict, behaviour: float, path: Path, env_id: str) -> None:
 
 def main(args: Args) -> None:
     budget = budgets(args)
-    os.chdir(ROOT)  # runs_dir and out are relative to the repository
+    # paths are relative to where the command runs (a dataset id is not a path), the algorithms run from the root
+    args.runs_dir, args.out = str(Path(args.runs_dir).resolve()), str(Path(args.out).resolve())
+    if args.dataset and Path(args.dataset).exists():
+        args.dataset = str(Path(args.dataset).resolve())
+    os.chdir(ROOT)
     if not args.report_only:
         run_all(args, budget)
     report(args, budget)

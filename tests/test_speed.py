@@ -53,3 +53,13 @@ def test_check_tells_a_different_update_apart(workload):
     plain = setup.plain
     setup.plain = lambda batch: plain({**batch, "rewards": batch["rewards"] + 1.0})
     assert speed.check_failed(speed.checks(setup, seed=0, updates=2))
+
+
+@pytest.mark.parametrize("workload", speed.WORKLOADS)
+def test_check_sees_a_missing_polyak_step(workload, monkeypatch):
+    """Targets move by only tau x a step, yet a reference that never updates them fails the check."""
+    setup = tiny(workload)
+    assert any(name.endswith("target") for name, _, _ in setup.nets)
+    monkeypatch.setattr(speed, "plain_polyak", lambda target, source, tau: None)
+    check = speed.checks(setup, seed=0, updates=2)
+    assert "rel dW target" in speed.check_failed(check), check
