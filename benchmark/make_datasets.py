@@ -790,9 +790,10 @@ def write_report(path: Path) -> None:
     lines += ["", "Behaviour policies:", ""]
     lines += [f"- `{dataset_id(n)}`: {r['policy']}." for n, r in rows]
     missing = [n for n in BUILDABLE if n not in dict(rows)]
-    if missing:
-        lines += ["", "Not built yet: " + ", ".join(f"`{n}`" for n in missing) + ". Not rebuilt at all: `pen-human` "
-                  "(no pen demonstrations here; Minari `D4RL/pen/human-v2`), the `cloned` datasets."]
+    lines += ["", ("Not built yet: " + ", ".join(f"`{n}`" for n in missing) + ". " if missing else
+                   "Every dataset that can be rebuilt here is built. ")
+              + "Not rebuilt at all: `pen-human` (no pen demonstrations here; Minari `D4RL/pen/human-v2`), the "
+              "`cloned` datasets."]
     lines += ["", "Notes:", "",
               "- D4RL's figures come from the old mujoco-py v2 environments (Walker2d-v5 changes foot friction and "
               "the healthy reward; datasets.md s.5) and, for door, from gymnasium-robotics' earlier reward (a v1.2.1 "
