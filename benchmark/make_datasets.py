@@ -37,9 +37,10 @@ overrides the level. Note the level is checked on *deterministic* evaluation ret
 stochastically, so the data's own mean return is usually somewhat lower.
 The chosen actor is written to `benchmark/policies/{family}_medium_actor.npz` (weights and where they came from), so
 medium and medium-expert can be rebuilt without the run; medium-replay needs the run (`--sac-run DIR`) for its
-buffer. Cost on a 2-core CPU, single-threaded: SAC runs at about 35-55 env steps/s, so reaching medium (roughly
-100-200k steps for halfcheetah and hopper, 300-500k for walker2d; datasets.md section 4, unverified) takes about
-1-2 h and 3-5 h. Building a 1M-step dataset took 10-25 min here (2-core CPU shared with a SAC run; simulation, one
+buffer. Cost on a 2-core CPU, single-threaded: SAC runs at about 35-55 env steps/s; the runs behind the committed
+policies reached medium at 55k env steps (halfcheetah), 105k (hopper) and 135k (walker2d): about 20 min, 45 min, 1 h,
+fewer than the 100-200k / 300-500k that datasets.md section 4 expected (seed 0 only: another seed may take
+longer). Building a 1M-step dataset took 10-25 min here (2-core CPU shared with a SAC run; simulation, one
 small-MLP forward a step, and Minari's writing, which takes minutes for the 45k-episode random hopper and walker2d);
 results/datasets.md lists each build's wall time.
 
