@@ -67,7 +67,6 @@ class Config:
     sizes: tuple[Literal["walker2d-n10", "hopper-n50"], ...] = ("walker2d-n10", "hopper-n50")
     """problem sizes of so2.py's workloads (the baselines always run at walker2d-medium sizes)"""
     quick: bool = False  # debug run: 3 rounds of >= 0.3 s, 1 warm-up call, hopper-n50 skipped
-    skip_n50: bool = False  # drop hopper-n50, the slowest size
     compile: bool = True  # also time torch.compile of the file's update functions (--no-compile to skip)
     device: str = "cpu"  # cpu or cuda
     threads: int = 0  # torch.set_num_threads; 0 keeps torch's default
@@ -837,6 +836,8 @@ def run_workload(cfg: Config, workload: str, spec: Spec, device) -> tuple[list[V
         except Exception as e:  # a compile failure is reported, not fatal
             v.error = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0].split('. ')[0][:120]}"
             print(f"  {v.name} failed: {v.error}", flush=True)
+    if variants[0].error:  # without the reference there is no ratio to measure
+        raise SystemExit(f"{workload}: the plain reference failed: {variants[0].error}")
     live = [v for v in variants if not v.error]
     round_s = sum(v.iters * v.times[-1] for v in live)  # estimated from the last warm-up call
     for v in live:
@@ -849,7 +850,7 @@ def run_workload(cfg: Config, workload: str, spec: Spec, device) -> tuple[list[V
 
 def jobs(cfg: Config) -> list[tuple[str, str, Spec]]:
     """(label, workload, spec) in run order: so2.py's workloads per size, then the baselines at walker2d sizes."""
-    sizes = [s for s in cfg.sizes if not ((cfg.quick or cfg.skip_n50) and s == "hopper-n50")]
+    sizes = [s for s in cfg.sizes if not (cfg.quick and s == "hopper-n50")]
     common = dict(device=cfg.device, seed=cfg.seed, compile=cfg.compile)
     out = [(f"{size} {w}", w, Spec(*SIZES[size], **common)) for size in sizes for w in cfg.workloads
            if w in SO2_WORKLOADS]
@@ -936,7 +937,8 @@ def write_report(cfg, info, rates, rows, checks_md, flops_md, ratios, load, elap
         + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in rates.items()),
         f"- command: `python benchmark/speed.py {shlex.join(sys.argv[1:])}`; sha256 of the files timed: "
         + ", ".join(f"{f} {h}…" for f, h in info["files"].items()),
-        f"- {cfg.rounds} round-robin rounds, {cfg.warmup} warm-up calls (compiled: >= 3), >= {cfg.round_seconds} s "
+        f"- up to {cfg.rounds} round-robin rounds (at least 3; fewer where they would take over "
+        f"{cfg.workload_seconds:g} s; see calls in the table), {cfg.warmup} warm-up calls (compiled: >= 3), >= {cfg.round_seconds} s "
         f"per variant per round; 1-min load average {min(load):.1f} to {max(load):.1f} on {os.cpu_count()} cores; "
         f"runtime {elapsed / 60:.1f} min", *([f"- {cfg.note}"] if cfg.note else []), "",
         HEAD, "|" + "---|" * 7, *(table_row(r, max(rates.values())) for r in rows), "",
