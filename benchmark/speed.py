@@ -939,7 +939,8 @@ def write_report(cfg, info, rates, rows, checks_md, flops_md, ratios, load, elap
         + ", ".join(f"{f} {h}…" for f, h in info["files"].items()),
         f"- up to {cfg.rounds} round-robin rounds (at least 3; fewer where they would take over "
         f"{cfg.workload_seconds:g} s; see calls in the table), {cfg.warmup} warm-up calls (compiled: >= 3), "
-        f">= {cfg.round_seconds} s per variant per round; 1-min load average {min(load):.1f} to {max(load):.1f} on {os.cpu_count()} cores; "
+        f">= {cfg.round_seconds} s per variant per round; 1-min load average {min(load):.1f} to {max(load):.1f} "
+        f"on {os.cpu_count()} cores; "
         f"runtime {elapsed / 60:.1f} min", *([f"- {cfg.note}"] if cfg.note else []), "",
         HEAD, "|" + "---|" * 7, *(table_row(r, max(rates.values())) for r in rows), "",
         "An *update* is one call of the timed function (below). `ms/update` is the median over rounds; `vs reference` "
