@@ -423,7 +423,7 @@ def make_update_fns(agent: Agent, args: Args, target_entropy: float
                 alpha_optim.step()
                 alpha_loss = alpha_loss + a_loss.detach() / repeats
         return {"loss/actor": actor_loss, "loss/alpha": alpha_loss, "alpha": agent.log_alpha.detach().exp(),
-                "entropy": -log_pi.mean()}
+                "entropy": -log_pi.detach().mean()}
 
     return update_critic, update_actor, {"actor_optim": actor_optim, "critic_optim": critic_optim,
                                          "alpha_optim": alpha_optim}

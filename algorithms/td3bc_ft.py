@@ -625,6 +625,17 @@ def make_update_fns(agent: Agent, optims: dict[str, torch.optim.Optimizer], args
     return update_critic, update_actor
 
 
+def online_update_fns(agent: Agent, optims: dict[str, torch.optim.Optimizer], args: Args, switching: bool
+                      ) -> tuple[Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+                                 Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]]:
+    """The switch to online: the actor loss of `--online-mode`, and with `--reset-optimizers` empty Adam moments at
+    the learning rates of pretraining. A resumed online phase (`switching` False) keeps the moments it saved."""
+    if switching and args.reset_optimizers:
+        for optim in optims.values():
+            optim.state.clear()
+    return make_update_fns(agent, optims, args, bc=args.online_mode == "original")
+
+
 # >>> shared: q_diagnostics
 def q_horizon(gamma: float) -> int:
     """H, the smallest number of steps with gamma^H < 0.01: the tail a Monte-Carlo Q needs (459 at 0.99)."""
@@ -1045,10 +1056,7 @@ def main(args: Args) -> Path:
         train_offline(args, agent, buffer, tuple(map(compile_fn, updates)), optims, ctx, logger,
                       ckpt["grad_step"] if ckpt else 0)
         ckpt = None
-    if ckpt is None and args.reset_optimizers:  # the switch to online, not a resumed online phase
-        for optim in optims.values():
-            optim.state.clear()
-    updates = make_update_fns(agent, optims, args, bc=args.online_mode == "original")
+    updates = online_update_fns(agent, optims, args, switching=ckpt is None)
     train_online(args, agent, buffer, tuple(map(compile_fn, updates)), optims, ctx, logger, ckpt)
     logger.close()
     return run_dir

@@ -251,14 +251,47 @@ def counting(monkeypatch, calls):
     monkeypatch.setattr(td3bc, "make_update_fns", make)
 
 
+def recording(monkeypatch, agents, buffers, q_checks):
+    """Record the agent (through make_update_fns, after `counting`), the replay buffer main builds, and at every
+    evaluation the Q_est function's values next to Q1, Q2 of the online critic, on fixed inputs (own generator, so
+    the run's random numbers are untouched)."""
+    real_make, real_eval, real_buffer = td3bc.make_update_fns, td3bc.evaluate, td3bc.ReplayBuffer
+
+    def make(agent, optims, args, bc):
+        agents.append(agent)
+        return real_make(agent, optims, args, bc=bc)
+
+    class Buffer(real_buffer):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            buffers.append(self)
+
+    def evaluate(env, actor, q_fn, *a, **k):
+        g = torch.Generator().manual_seed(len(q_checks))
+        obs, act = torch.randn(6, 11, generator=g) * 2, torch.rand(6, 3, generator=g) * 2 - 1
+        critic = agents[-1].critic
+        q_checks.append((q_fn(obs, act).detach(), member_q(critic, obs, act, 0).detach(),
+                         member_q(critic, obs, act, 1).detach()))
+        return real_eval(env, actor, q_fn, *a, **k)
+
+    monkeypatch.setattr(td3bc, "make_update_fns", make)
+    monkeypatch.setattr(td3bc, "evaluate", evaluate)
+    monkeypatch.setattr(td3bc, "ReplayBuffer", Buffer)
+
+
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory, hopper_file):
     """One uninterrupted run (original mode), shared by the output checks and the resume tests."""
-    calls = []
+    calls, seen = [], {"agents": [], "buffers": [], "q": []}
     with pytest.MonkeyPatch.context() as m:
+        recording(m, seen["agents"], seen["buffers"], seen["q"])
         counting(m, calls)
         run_dir = td3bc.main(td3_args(tmp_path_factory.mktemp("full"), hopper_file))
+    full_run_seen.update(seen)
     return run_dir, calls
+
+
+full_run_seen: dict = {}
 
 
 def read_rows(run_dir):
@@ -290,9 +323,11 @@ def test_end_to_end(full_run):
 
 
 def test_from_offline_checkpoint_loose_and_reset(tmp_path, hopper_file, monkeypatch):
-    first = td3bc.main(td3_args(tmp_path / "a", hopper_file, online_steps=0))
     calls = []
     counting(monkeypatch, calls)
+    first = td3bc.main(td3_args(tmp_path / "a", hopper_file, online_steps=0, online_mode="loose"))
+    assert calls[0]["bc"] is True, "pretraining must always use the BC actor loss, whatever --online-mode says"
+    calls.clear()
     run_dir = td3bc.main(td3_args(tmp_path / "b", hopper_file, offline_checkpoint=str(first / "offline.pt"),
                                   online_mode="loose", reset_optimizers=True, online_steps=40, eval_every=20))
     assert calls == [{"bc": False, "critic": 40, "actor": 20}]
@@ -303,6 +338,37 @@ def test_from_offline_checkpoint_loose_and_reset(tmp_path, hopper_file, monkeypa
     offline = torch.load(first / "offline.pt", weights_only=False)
     for k in ("obs_mean", "obs_std"):
         assert torch.equal(final["agent"]["critic"][k], offline["agent"]["critic"][k])
+
+
+def test_diagnostics_use_q1_of_the_online_critic(full_run):
+    """q_diagnostics.md: TD3+BC's Q_est is Q1, the critic its actor maximises (not the min, not a target)."""
+    checks = full_run_seen["q"]
+    assert len(checks) == 6  # 2 offline + 4 online evaluations
+    for q_est, q1, q2 in checks:
+        assert not torch.allclose(q1, q2)
+        torch.testing.assert_close(q_est, q1, msg="Q diagnostics must evaluate Q1 of the online critic")
+
+
+def test_buffer_holds_dataset_and_online_data_and_statistics(full_run, hopper_file):
+    """One buffer: the whole dataset first, room for every online step after it (nothing of the dataset is
+    overwritten); observation statistics = the dataset's mean and std + 1e-3, in every network, fixed online."""
+    run_dir, _ = full_run
+    (buffer,) = full_run_seen["buffers"]
+    task = td3bc.resolve_task("hopper-medium", None, str(hopper_file))
+    data, _ = td3bc.load_dataset(task, str(hopper_file))
+    n = len(data["rewards"])
+    assert buffer.capacity == n + 150 and buffer.size == n + 150 and buffer.n_added == 150, \
+        "the buffer must hold the dataset plus every online transition"
+    np.testing.assert_array_equal(buffer.storage[:n, buffer.slices["observations"]].numpy(), data["observations"],
+                                  err_msg="the dataset must stay in the buffer through the online phase")
+    np.testing.assert_array_equal(buffer.storage[:n, buffer.slices["terminated"]].numpy(), data["terminated"])
+    mean, std = data["observations"].mean(0), data["observations"].std(0) + 1e-3
+    final = torch.load(run_dir / "checkpoint.pt", weights_only=False)["agent"]
+    for net in ("actor", "actor_target", "critic", "critic_target"):
+        np.testing.assert_allclose(final[net]["obs_mean"].numpy(), mean, rtol=1e-6, err_msg=f"{net}.obs_mean")
+        np.testing.assert_allclose(final[net]["obs_std"].numpy(), std, rtol=1e-6,
+                                   err_msg=f"{net}.obs_std must be the dataset's std + 1e-3")
+    assert full_run_seen["agents"][-1].actor.expl_noise == 0.1, "online exploration noise must be --expl-noise"
 
 
 class Killed(Exception):
