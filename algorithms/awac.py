@@ -23,8 +23,11 @@ the default follows:
   policy) without its Q output clamp at 0 and its zeroed terminals, which serve the binary-reward hand tasks, not
   the dense-reward D4RL ones.
 - Data: [rlkit] loads its own demonstration files (`demos/icml2020`); we load D4RL, as the SO2 paper did.
+- Policy samples in V(s) and in the Bellman target: [rlkit] uses the unsquashed `rsample` as it is (default); [CORL]'s
+  `Actor.forward` clamps it to [-1, 1] before either critic sees it (`--clip-samples`, set by `--preset corl`).
 - `--preset corl` gives [CORL]'s exp weights (lambda 1/3 on MuJoCo, 0.1 on Adroit), 3 x 256 networks, batches of
-  256, standardised observations, no policy weight decay, no warm-up and 1M offline updates. It keeps [rlkit]'s init,
+  256, standardised observations, no policy weight decay, no warm-up, clipped policy samples and 1M offline updates.
+  It keeps [rlkit]'s init,
   tanh mean, log_std mapped into [-6, 0] by a sigmoid, and advantages from the critics before their step; [CORL]
   uses PyTorch's init, an unbounded mean, log_std clamped to [-20, 2], and critics after their step.
 
@@ -127,6 +130,8 @@ class Args:
     """clamp A at this value before weighting (rlkit hand: 0.5); None = no clamp"""
     v_from_mean: bool = False
     """V(s) = min Q(s, mean of pi) instead of min Q at one policy sample (rlkit hand `awr_use_mle_for_vf`)"""
+    clip_samples: bool = False
+    """clip the policy samples of V(s) and of the Bellman target to [-1, 1] (CORL; rlkit does not)"""
     actor_layers: int = 4
     """hidden layers of 256 units in the actor"""
     critic_layers: int = 2
@@ -147,9 +152,10 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 # --preset corl: "*" applies to every task, then the family, then the task id.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {"rlkit": {}, "corl": {
+    # CORL finetune/awac.py (Actor.forward clamps its samples); configs/offline/awac/<env>/*.yaml (lambda 0.3333)
     "*": dict(weighting="exp", beta=1 / 3, clip_score=None, v_from_mean=False, actor_layers=3, critic_layers=3,
               batch_size=256, offline_batch_size=256, actor_weight_decay=0.0, normalize_obs=True, warmup_steps=0,
-              offline_steps=1_000_000),  # CORL finetune/awac.py; configs/offline/awac/<env>/*.yaml (lambda 0.3333)
+              clip_samples=True, offline_steps=1_000_000),
     "pen": dict(beta=0.1),  # CORL configs/finetune/awac/pen/cloned_v1.yaml
     "door": dict(beta=0.1),  # CORL configs/finetune/awac/door/cloned_v1.yaml
 }}
@@ -635,28 +641,66 @@ class Agent:
     critic_target: TwinQ
 
 
-def sample(actor: GaussianActor, obs: torch.Tensor) -> torch.Tensor:
-    """a ~ pi(.|s), not clipped (rlkit's `rsample` of the unsquashed Normal)."""
+def make_agent(args: Args, obs_dim: int, act_dim: int, obs_moments: tuple[torch.Tensor, torch.Tensor],
+               device: torch.device) -> Agent:
+    """The actor and twin critics with rlkit's init, the target a copy of the critics; the dataset's observation
+    moments go into every network when --normalize-obs is set."""
+    agent = Agent(GaussianActor(obs_dim, act_dim, n_layers=args.actor_layers, log_std_min=-6.0, log_std_max=0.0,
+                                sigmoid_log_std=True),  # rlkit GaussianPolicy(std_architecture="values")
+                  TwinQ(obs_dim, act_dim, n_layers=args.critic_layers),
+                  TwinQ(obs_dim, act_dim, n_layers=args.critic_layers))
+    rlkit_init([*agent.actor.hidden, agent.actor.mu], last_bound=1e-3)
+    rlkit_init(list(agent.critic.q.layers), last_bound=3e-3)
+    agent.critic_target.load_state_dict(agent.critic.state_dict())
+    for net in vars(agent).values():
+        if args.normalize_obs:
+            net.norm.mean.copy_(obs_moments[0])
+            net.norm.std.copy_(obs_moments[1])
+        net.to(device)
+    return agent
+
+
+def sample(actor: GaussianActor, obs: torch.Tensor, clip: bool) -> torch.Tensor:
+    """a ~ pi(.|s): rlkit's `rsample` of the unsquashed Normal as it is, or clamped to [-1, 1] as CORL's actor does."""
     mean, log_std = actor(obs)
-    return mean + log_std.exp() * torch.randn_like(mean)
+    action = mean + log_std.exp() * torch.randn_like(mean)
+    return action.clamp(-1.0, 1.0) if clip else action
 
 
 @torch.no_grad()
 def advantage(agent: Agent, obs: torch.Tensor, actions: torch.Tensor, v_from_mean: bool,
-              clip_score: float | None) -> torch.Tensor:
+              clip_score: float | None, clip_samples: bool) -> torch.Tensor:
     """A = min Q(s, a) - V(s), V(s) = min Q(s, a_pi) with a_pi one policy sample, or the policy mean; clamped
     from above at clip_score if given."""
-    a_pi = agent.actor(obs)[0] if v_from_mean else sample(agent.actor, obs)
+    a_pi = agent.actor(obs)[0] if v_from_mean else sample(agent.actor, obs, clip_samples)
     adv = agent.critic(obs, actions).min(dim=0).values - agent.critic(obs, a_pi).min(dim=0).values
     return adv if clip_score is None else adv.clamp(max=clip_score)
 
 
 @torch.no_grad()
-def bellman_target(agent: Agent, batch: dict[str, torch.Tensor], gamma: float) -> torch.Tensor:
-    """y = r + gamma (1 - terminated) min Q'(s', a'), a' ~ pi(.|s'); no entropy term (rlkit's alpha is 0)."""
-    next_action = sample(agent.actor, batch["next_observations"])
+def bellman_target(agent: Agent, batch: dict[str, torch.Tensor], gamma: float, clip_samples: bool) -> torch.Tensor:
+    """y = r + gamma (1 - terminated) min Q'(s', a'), a' ~ pi(.|s'); no entropy term (rlkit's alpha is 0). A
+    truncated row bootstraps: the time limit is not part of the state."""
+    next_action = sample(agent.actor, batch["next_observations"], clip_samples)
     q_next = agent.critic_target(batch["next_observations"], next_action).min(dim=0).values
     return batch["rewards"] + gamma * (1.0 - batch["terminated"]) * q_next
+
+
+def critic_loss(q: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """MSE(Q1, y) + MSE(Q2, y) for q: [2, B] (rlkit steps each critic on its own MSE, which is the same)."""
+    return (q - y).pow(2).mean(dim=1).sum()
+
+
+def actor_loss(actor: GaussianActor, obs: torch.Tensor, actions: torch.Tensor, weights: torch.Tensor
+               ) -> torch.Tensor:
+    """-mean(w log pi(a|s)) over buffer actions, with the weights held fixed."""
+    return -(weights * actor.log_prob(obs, actions)).mean()
+
+
+@torch.no_grad()
+def q_estimate(agent: Agent, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """Q_est of the Q diagnostics: min(Q1, Q2) of the online critics, the value the advantage is taken from."""
+    return agent.critic(obs, actions).min(dim=0).values
 
 
 @torch.no_grad()
@@ -671,30 +715,39 @@ def make_update(agent: Agent, args: Args
     actor_optim = torch.optim.Adam(agent.actor.parameters(), lr=args.actor_lr, weight_decay=args.actor_weight_decay)
     critic_optim = torch.optim.Adam(agent.critic.parameters(), lr=args.critic_lr)
     gamma, tau, beta, weighting, weight_max = args.gamma, args.tau, args.beta, args.weighting, args.weight_max
-    v_from_mean, clip_score = args.v_from_mean, args.clip_score
+    v_from_mean, clip_score, clip_samples = args.v_from_mean, args.clip_score, args.clip_samples
 
     def update(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         obs, actions = batch["observations"], batch["actions"]
-        adv = advantage(agent, obs, actions, v_from_mean, clip_score)
+        adv = advantage(agent, obs, actions, v_from_mean, clip_score, clip_samples)
         weights = awac_weights(adv, beta, weighting, weight_max)
-        y = bellman_target(agent, batch, gamma)
+        y = bellman_target(agent, batch, gamma, clip_samples)
 
         q = agent.critic(obs, actions)  # [2, B]
-        critic_loss = (q - y).pow(2).mean(dim=1).sum()
+        loss_q = critic_loss(q, y)
         critic_optim.zero_grad(set_to_none=True)
-        critic_loss.backward()
+        loss_q.backward()
         critic_optim.step()
 
-        actor_loss = -(weights * agent.actor.log_prob(obs, actions)).mean()
+        loss_pi = actor_loss(agent.actor, obs, actions, weights)
         actor_optim.zero_grad(set_to_none=True)
-        actor_loss.backward()
+        loss_pi.backward()
         actor_optim.step()
         polyak(agent.critic_target, agent.critic, tau)
-        return {"loss/critic": critic_loss.detach(), "loss/actor": actor_loss.detach(), "q/mean": q.detach().mean(),
+        return {"loss/critic": loss_q.detach(), "loss/actor": loss_pi.detach(), "q/mean": q.detach().mean(),
                 "adv/mean": adv.mean(), "weights/max": weights.max(),
                 "log_std/mean": agent.actor(obs[:1])[1].detach().mean()}
 
     return update, {"actor_optim": actor_optim, "critic_optim": critic_optim}
+
+
+def make_buffer(args: Args, data: dict[str, np.ndarray], device: torch.device) -> ReplayBuffer:
+    """One buffer for both phases: the dataset, then the online transitions, sampled uniformly over all of it. It
+    has room for every online step, so that no dataset row is ever overwritten."""
+    n_data, obs_dim, act_dim = len(data["rewards"]), data["observations"].shape[1], data["actions"].shape[1]
+    buffer = ReplayBuffer(n_data + args.online_steps, obs_dim, act_dim, device, args.seed)
+    buffer.load_dataset(data)
+    return buffer
 
 
 # >>> shared: q_diagnostics
@@ -1053,19 +1106,8 @@ def main(args: Args) -> Path:
     eval_env = make_env(task, q_horizon(args.gamma) if args.q_diag_extend_steps is None else args.q_diag_extend_steps)
 
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    agent = Agent(GaussianActor(obs_dim, act_dim, n_layers=args.actor_layers, log_std_min=-6.0, log_std_max=0.0,
-                                sigmoid_log_std=True),  # rlkit GaussianPolicy(std_architecture="values")
-                  TwinQ(obs_dim, act_dim, n_layers=args.critic_layers),
-                  TwinQ(obs_dim, act_dim, n_layers=args.critic_layers))
-    rlkit_init([*agent.actor.hidden, agent.actor.mu], last_bound=1e-3)
-    rlkit_init(list(agent.critic.q.layers), last_bound=3e-3)
-    agent.critic_target.load_state_dict(agent.critic.state_dict())
-    obs_mean, obs_std = (torch.as_tensor(x) for x in moments(data["observations"]))
-    for net in vars(agent).values():
-        if args.normalize_obs:
-            net.norm.mean.copy_(obs_mean)
-            net.norm.std.copy_(obs_std)
-        net.to(device)
+    obs_moments = tuple(torch.as_tensor(x) for x in moments(data["observations"]))
+    agent = make_agent(args, obs_dim, act_dim, obs_moments, device)
     n_data = len(data["rewards"])
 
     if resume_dir:
@@ -1084,7 +1126,7 @@ def main(args: Args) -> Path:
     logger = Logger(run_dir, ckpt["n_eval_rows"] if ckpt else 0)
     horizon = q_horizon(args.gamma)
     ctx = {"run_dir": run_dir, "env": env, "dataset_info": dataset_info,
-           "evaluate": lambda: {**evaluate(eval_env, agent.actor, lambda s, a: agent.critic(s, a).min(0).values,
+           "evaluate": lambda: {**evaluate(eval_env, agent.actor, lambda s, a: q_estimate(agent, s, a),
                                            args.eval_episodes, 100_000 * (args.seed + 1), task.max_episode_steps,
                                            task.family, args.gamma, horizon, lambda r: r),
                                 "wall_time": time.time()}}
@@ -1092,9 +1134,7 @@ def main(args: Args) -> Path:
     print(f"{ALGO} ({args.preset} preset) on {task.env_id}: {n_data} transitions from {dataset_info['dataset']}, "
           f"evaluated on {task.eval_env_id}, device {device}; run directory {run_dir}")
 
-    # One buffer for both phases: the dataset, then the online transitions (uniform over all of it).
-    buffer = ReplayBuffer(n_data + args.online_steps, obs_dim, act_dim, device, args.seed)
-    buffer.load_dataset(data)
+    buffer = make_buffer(args, data, device)
     update, optims = make_update(agent, args)
     update = compile_fn(update)
     phase = ckpt["phase"] if ckpt else ("online" if args.offline_checkpoint else "offline")

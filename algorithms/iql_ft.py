@@ -28,7 +28,10 @@ which one the default follows:
   N(0, 0.03^2) clipped to 0.5), and uses tau 0.5 / beta 6 on hopper-medium-expert (CORL `configs/offline/iql`). It
   keeps [IQL]'s orthogonal init, log_std range [-5, 2], dataset actions clipped to +-(1 - 1e-5) and dropout-free
   acting; [CORL] uses PyTorch's init, [-20, 2], no clipping, and explores with dropout on.
-- Critic loss: the sum of the two critics' squared errors ([IQL]); [CORL] halves it (a factor Adam cancels).
+- Critic loss: [IQL] `critic.update_q` minimises mean((Q1 - y)^2 + (Q2 - y)^2) = MSE1 + MSE2 (default); [CORL]
+  minimises (MSE1 + MSE2) / 2. The value and actor losses are the same means in both. A constant factor c on a loss
+  scales Adam's m by c and sqrt(v) by |c|, so the step m / (sqrt(v) + eps) equals the unscaled one with eps / |c|:
+  [CORL]'s halving is our update with eps 2e-8 instead of 1e-8, the same only where gradients are far above eps.
 - Budget: 1M offline updates, then o2o-rl's 100k online env steps (400k on Adroit) with one update per env step from
   the first; [IQL] fine-tunes for 1M steps. The SO2 paper's IQL-ft numbers come from rlkit's port, whose MuJoCo
   values (tau 0.7, beta 3, clip 100, return-range scaling) agree with [IQL].
@@ -649,6 +652,19 @@ def return_range_scale(data: dict[str, np.ndarray]) -> float:
     return 1000.0 / float(returns.max() - returns.min())
 
 
+def prepare_data(args: Args, data: dict[str, np.ndarray]
+                 ) -> tuple[dict[str, np.ndarray], Callable[[Any], Any], float]:
+    """The dataset as the critics see it, the reward transform for online rewards and Q_true, and its factor.
+
+    Actions are clipped to +-(1 - 1e-5) ([IQL] `D4RLDataset(clip_to_eps=True)`) so that the tanh mean can reach
+    them. The factor is a Python float, so a scalar online reward stays a scalar for ReplayBuffer.add."""
+    scale = return_range_scale(data) if args.normalize_reward else 1.0
+    reward_fn = lambda r: r * scale  # noqa: E731
+    data = {**data, "actions": np.clip(data["actions"], -1 + 1e-5, 1 - 1e-5),
+            "rewards": reward_fn(data["rewards"]).astype(np.float32)}
+    return data, reward_fn, scale
+
+
 def expectile_loss(u: torch.Tensor, expectile: float) -> torch.Tensor:
     """mean(|tau - 1(u < 0)| u^2) for u = Q - V: the asymmetric L2 whose minimiser V is the tau-expectile of Q."""
     return ((expectile - (u < 0).to(u.dtype)).abs() * u.pow(2)).mean()
@@ -668,6 +684,11 @@ def awr_actor_loss(actor: GaussianActor, obs: torch.Tensor, actions: torch.Tenso
     return -(weights * actor.log_prob(obs, actions, dropout=True)).mean()
 
 
+def critic_loss(q: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """MSE(Q1, y) + MSE(Q2, y) for q: [2, B] ([IQL]; CORL halves it, see the docstring)."""
+    return (q - y).pow(2).mean(dim=1).sum()
+
+
 @torch.no_grad()
 def polyak(target: nn.Module, source: nn.Module, tau: float) -> None:
     torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
@@ -681,13 +702,36 @@ class Agent:
     value: ValueNet
 
 
+def make_agent(args: Args, obs_dim: int, act_dim: int, obs_moments: tuple[torch.Tensor, torch.Tensor],
+               device: torch.device) -> Agent:
+    """Actor, twin Q, its target copy and V, 256 x 2 each with [IQL]'s orthogonal init; the dataset's observation
+    moments go into every network when --normalize-obs is set."""
+    agent = Agent(GaussianActor(obs_dim, act_dim, dropout=args.actor_dropout), TwinQ(obs_dim, act_dim),
+                  TwinQ(obs_dim, act_dim), ValueNet(obs_dim))
+    for net in vars(agent).values():
+        orthogonal_init(net)
+        if args.normalize_obs:
+            net.norm.mean.copy_(obs_moments[0])
+            net.norm.std.copy_(obs_moments[1])
+        net.to(device)
+    agent.critic_target.load_state_dict(agent.critic.state_dict())
+    return agent
+
+
 @torch.no_grad()
 def advantage_and_target(agent: Agent, batch: dict[str, torch.Tensor], q_target: torch.Tensor, gamma: float
                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """adv = min Q'(s, a) - V(s) and y = r + gamma (1 - terminated) V(s'), with V as it is now."""
+    """adv = min Q'(s, a) - V(s) and y = r + gamma (1 - terminated) V(s'), with V as it is now. A truncated row
+    bootstraps: the time limit is not part of the state."""
     adv = q_target - agent.value(batch["observations"])
     y = batch["rewards"] + gamma * (1.0 - batch["terminated"]) * agent.value(batch["next_observations"])
     return adv, y
+
+
+@torch.no_grad()
+def q_estimate(agent: Agent, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """Q_est of the Q diagnostics: min(Q1', Q2') of the target twin, the value V and the advantage are fitted to."""
+    return agent.critic_target(obs, actions).min(dim=0).values
 
 
 def make_update(agent: Agent, args: Args
@@ -722,18 +766,35 @@ def make_update(agent: Agent, args: Args
         actor_optim.step()
 
         q = agent.critic(obs, actions)  # [2, B]
-        critic_loss = (q - y).pow(2).mean(dim=1).sum()
+        loss_q = critic_loss(q, y)
         critic_optim.zero_grad(set_to_none=True)
-        critic_loss.backward()
+        loss_q.backward()
         critic_optim.step()
         polyak(agent.critic_target, agent.critic, tau)
         return {"loss/value": value_loss.detach(), "loss/actor": actor_loss.detach(),
-                "loss/critic": critic_loss.detach(), "q/mean": q.detach().mean(), "v/mean": v.detach().mean(),
+                "loss/critic": loss_q.detach(), "q/mean": q.detach().mean(), "v/mean": v.detach().mean(),
                 "adv/mean": adv.mean(), "weights/mean": weights.mean(),
                 "weights/clipped": (weights >= weight_max).float().mean()}
 
     return update, {"actor_optim": actor_optim, "critic_optim": critic_optim, "value_optim": value_optim,
                     "actor_schedule": schedule}
+
+
+def switch_to_online(args: Args, optims: dict[str, Any]) -> None:
+    """What changes when fine-tuning starts. --lr-schedule iql: the actor's rate goes back to --actor-lr and stays
+    there ([IQL]'s fine-tuning config); corl: the cosine goes on (the online loop steps it). The optimiser states,
+    dropout in the actor loss and the buffer, which already holds the dataset, carry over unchanged."""
+    if args.lr_schedule == "iql":
+        optims["actor_optim"].param_groups[0]["lr"].fill_(args.actor_lr)
+
+
+def make_buffer(args: Args, data: dict[str, np.ndarray], device: torch.device) -> ReplayBuffer:
+    """One buffer for both phases: the dataset, then the online transitions, sampled uniformly over all of it. It
+    has room for every online step, so that no dataset row is ever overwritten."""
+    n_data, obs_dim, act_dim = len(data["rewards"]), data["observations"].shape[1], data["actions"].shape[1]
+    buffer = ReplayBuffer(n_data + args.online_steps, obs_dim, act_dim, device, args.seed)
+    buffer.load_dataset(data)
+    return buffer
 
 
 # >>> shared: q_diagnostics
@@ -1097,22 +1158,10 @@ def main(args: Args) -> Path:
     check_spaces(data, env, dataset_info["dataset"])
     eval_env = make_env(task, q_horizon(args.gamma) if args.q_diag_extend_steps is None else args.q_diag_extend_steps)
 
-    data["actions"] = np.clip(data["actions"], -1 + 1e-5, 1 - 1e-5)  # [IQL] D4RLDataset(clip_to_eps=True)
-    scale = return_range_scale(data) if args.normalize_reward else 1.0
-    reward_fn = lambda r: r * scale  # noqa: E731
-    data["rewards"] = reward_fn(data["rewards"]).astype(np.float32)
-
+    data, reward_fn, scale = prepare_data(args, data)
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    agent = Agent(GaussianActor(obs_dim, act_dim, dropout=args.actor_dropout), TwinQ(obs_dim, act_dim),
-                  TwinQ(obs_dim, act_dim), ValueNet(obs_dim))
-    obs_mean, obs_std = (torch.as_tensor(x) for x in moments(data["observations"]))
-    for net in vars(agent).values():
-        orthogonal_init(net)
-        if args.normalize_obs:
-            net.norm.mean.copy_(obs_mean)
-            net.norm.std.copy_(obs_std)
-        net.to(device)
-    agent.critic_target.load_state_dict(agent.critic.state_dict())
+    obs_moments = tuple(torch.as_tensor(x) for x in moments(data["observations"]))
+    agent = make_agent(args, obs_dim, act_dim, obs_moments, device)
     n_data = len(data["rewards"])
 
     if resume_dir:
@@ -1132,7 +1181,7 @@ def main(args: Args) -> Path:
     horizon = q_horizon(args.gamma)
     ctx = {"run_dir": run_dir, "env": env, "reward_fn": reward_fn, "dataset_info": dataset_info,
            "evaluate": lambda: {**evaluate(eval_env, agent.actor,
-                                           lambda s, a: agent.critic_target(s, a).min(0).values,
+                                           lambda s, a: q_estimate(agent, s, a),
                                            args.eval_episodes, 100_000 * (args.seed + 1), task.max_episode_steps,
                                            task.family, args.gamma, horizon, reward_fn),
                                 "wall_time": time.time()}}
@@ -1140,9 +1189,7 @@ def main(args: Args) -> Path:
     print(f"{ALGO} ({args.preset} preset) on {task.env_id}: {n_data} transitions from {dataset_info['dataset']}, "
           f"evaluated on {task.eval_env_id}, reward scale {scale:.4g}, device {device}; run directory {run_dir}")
 
-    # One buffer for both phases: the dataset, then the online transitions (uniform over all of it).
-    buffer = ReplayBuffer(n_data + args.online_steps, obs_dim, act_dim, device, args.seed)
-    buffer.load_dataset(data)
+    buffer = make_buffer(args, data, device)
     update, optims = make_update(agent, args)
     update = compile_fn(update)
     phase = ckpt["phase"] if ckpt else ("online" if args.offline_checkpoint else "offline")
@@ -1158,8 +1205,8 @@ def main(args: Args) -> Path:
         restore(vars(agent), offline["agent"])
         restore(optims, offline["optims"])
 
-    if args.lr_schedule == "iql" and not ckpt:  # [IQL]'s fine-tuning config: constant actor learning rate
-        optims["actor_optim"].param_groups[0]["lr"].fill_(args.actor_lr)
+    if not ckpt:  # a resumed online run has its learning rate in the checkpoint
+        switch_to_online(args, optims)
     ctx["offline_grad_steps"] = 0 if args.offline_checkpoint else args.offline_steps
     train_online(args, agent, buffer, update, optims, ctx, logger, ckpt)
     logger.close()

@@ -70,12 +70,12 @@ def test_advantage_matches_direct():
         mean, log_std = agent.actor(obs)
         q = agent.critic(obs, actions).min(0).values
         v_mean = agent.critic(obs, mean).min(0).values
-        torch.testing.assert_close(awac.advantage(agent, obs, actions, True, None), q - v_mean)
-        torch.testing.assert_close(awac.advantage(agent, obs, actions, True, 0.01), (q - v_mean).clamp(max=0.01))
+        torch.testing.assert_close(awac.advantage(agent, obs, actions, True, None, False), q - v_mean)
+        torch.testing.assert_close(awac.advantage(agent, obs, actions, True, 0.01, False), (q - v_mean).clamp(max=0.01))
         torch.manual_seed(5)
         a_pi = mean + log_std.exp() * torch.randn(8, 2)
         torch.manual_seed(5)
-        torch.testing.assert_close(awac.advantage(agent, obs, actions, False, None),
+        torch.testing.assert_close(awac.advantage(agent, obs, actions, False, None, False),
                                    q - agent.critic(obs, a_pi).min(0).values)
 
 
