@@ -147,7 +147,22 @@ def awac_args(tmp, data, **kw):
     return awac.Args(**base)
 
 
-def test_awac_end_to_end(tmp_path, hopper_file):
+def record_q_estimates(monkeypatch, module):
+    """Wrap `evaluate` to keep Q_est, as main wires it, on fixed probe pairs at every evaluation."""
+    probe = (torch.randn(5, 11, generator=torch.Generator().manual_seed(0)),
+             torch.rand(5, 3, generator=torch.Generator().manual_seed(1)) * 2 - 1)
+    seen, real = [], module.evaluate
+
+    def evaluate(env, actor, q_fn, *rest):
+        seen.append(q_fn(*probe).detach().clone())
+        return real(env, actor, q_fn, *rest)
+
+    monkeypatch.setattr(module, "evaluate", evaluate)
+    return probe, seen
+
+
+def test_awac_end_to_end(tmp_path, hopper_file, monkeypatch):
+    probe, seen = record_q_estimates(monkeypatch, awac)
     run_dir = awac.main(awac_args(tmp_path, hopper_file))
     check_outputs(run_dir, "awac")
     rows = read_rows(run_dir)
@@ -156,15 +171,34 @@ def test_awac_end_to_end(tmp_path, hopper_file):
     assert [r["env_step"] for r in online] == [0, 100, 200]
     assert online[-1]["grad_step"] == 40 + 200 - 50  # one update per env step after the warm-up
     assert (run_dir / "offline.pt").is_file()
+    # design/q_diagnostics.md: Q_est = min(Q1, Q2) of the online critics (the last evaluation sees the final ones)
+    agent = torch.load(run_dir / "checkpoint.pt", weights_only=False)["agent"]
+    critic, target = awac.TwinQ(11, 3), awac.TwinQ(11, 3)
+    critic.load_state_dict(agent["critic"])
+    target.load_state_dict(agent["critic_target"])
+    with torch.no_grad():
+        q, q_t = critic(*probe), target(*probe)
+    assert not torch.allclose(torch.minimum(q[0], q[1]), torch.minimum(q_t[0], q_t[1]))
+    torch.testing.assert_close(seen[-1], torch.minimum(q[0], q[1]),
+                               msg="evaluation's Q_est must be min(Q1, Q2) of the online critics")
 
 
-def test_corl_preset_from_offline_checkpoint(tmp_path, hopper_file):
+def test_corl_preset_from_offline_checkpoint(tmp_path, hopper_file, monkeypatch):
     a = awac.parse_args(["--preset", "corl"])
     kw = {k: getattr(a, k) for k in ("weighting", "beta", "actor_layers", "critic_layers", "normalize_obs",
-                                     "actor_weight_decay", "warmup_steps")}
+                                     "actor_weight_decay", "warmup_steps", "clip_samples")}
     first = awac.main(awac_args(tmp_path / "a", hopper_file, online_steps=0, **kw))
+    steps_at_switch, real_online = [], awac.train_online
+
+    def train_online(args, agent, buffer, update, optims, *rest):
+        steps_at_switch.extend(float(st["step"]) for o in optims.values() for st in o.state_dict()["state"].values())
+        return real_online(args, agent, buffer, update, optims, *rest)
+
+    monkeypatch.setattr(awac, "train_online", train_online)
     run_dir = awac.main(awac_args(tmp_path / "b", hopper_file, offline_checkpoint=str(first / "offline.pt"),
                                   online_steps=60, eval_every=50, **kw))
+    assert steps_at_switch and set(steps_at_switch) == {40.0}, \
+        "fine-tuning from offline.pt continues the offline Adam states (40 steps), it does not start fresh ones"
     rows = read_rows(run_dir)
     assert {r["phase"] for r in rows} == {"online"} and rows[-1]["grad_step"] == 60  # no warm-up
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
