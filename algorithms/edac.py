@@ -14,15 +14,18 @@ Differences from the authors' code (snu-mllab/EDAC, CORL), and which one the def
   diversity term; `--online-mode loose` sets eta = 0 online (SAC-N), our reading of the SO2 paper's "loose variant
   ... removing the pessimistic constraints". Both: the temperature keeps being tuned, the Adam states carry over,
   one update per env step on a batch drawn uniformly from dataset + online data, stochastic actions.
-- Losses from one update: the temperature and actor losses share one policy sample (EDAC code); the critic's target
-  is computed after the actor step, as CORL does (the EDAC code computes all three losses before any step). No flag;
-  the difference is one actor step of lag in the target.
-- pen-human follows the EDAC README's command (N 20, eta 1000, 200k updates, actor lr 3e-5, rewards standardised
-  with the dataset's mean and std); `--preset corl` gives CORL's config (3M updates, actor lr 3e-4, raw rewards).
+- Losses from one update: the temperature and actor losses share one policy sample (EDAC code). As CORL does, the
+  actor loss and the critic's target use alpha after the temperature step, and the target is computed after the
+  actor step; the EDAC code computes all three losses from the parameters before any step. No flag; the
+  difference is one step of lr 3e-4.
+- pen-human follows the EDAC README's command (N 20, eta 1000, 200k updates, actor lr 3e-5 and the same for the
+  temperature, since the EDAC trainer's temperature optimiser uses the policy lr; rewards standardised with the
+  dataset's mean and std); `--preset corl` gives CORL's config (3M updates, lr 3e-4, raw rewards).
+- pen-cloned/expert (N 20, eta 10) and door-cloned/expert (N 50, eta 200), 3M updates, lr 3e-4, come from CORL's
+  EDAC configs (CORL's pen/expert file names pen-cloned as its env). The EDAC README's pen-cloned command (eta 10
+  with a max-Q backup, 200k updates, actor lr 3e-5, standardised rewards) is not implemented.
 - Not stated in any source we have, so the family's N and eta 1.0: eta for the random datasets (their N is the SO2
-  paper's, Table 7; unverified against the EDAC paper's appendix table), N and eta for the MuJoCo expert datasets
-  and for pen/door cloned and expert. The EDAC README's pen-cloned command (eta 10 with a max-Q backup) is not
-  implemented.
+  paper's, Table 7; unverified against the EDAC paper's appendix table), N and eta for the MuJoCo expert datasets.
 - Evaluation follows o2o-rl's protocol (10 deterministic episodes every 10k gradient steps offline, every 1000 env
   steps online); EDAC runs one episode per 1000 steps, CORL 10 episodes every 5000 steps.
 
@@ -133,13 +136,18 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "door": dict(n_critics=50, online_steps=400_000),  # SO2 paper, Table 8; Adroit budget
     "halfcheetah-medium-expert": dict(eta=5.0),  # CORL configs/offline/edac
     "walker2d-medium-expert": dict(eta=5.0),  # CORL configs/offline/edac
-    "pen-human": dict(eta=1000.0, offline_steps=200_000, actor_lr=3e-5, normalize_reward=True),  # EDAC README
+    # EDAC README's command; its --plr also sets the temperature's lr (the EDAC trainer's alpha optimiser uses policy_lr)
+    "pen-human": dict(eta=1000.0, offline_steps=200_000, actor_lr=3e-5, alpha_lr=3e-5, normalize_reward=True),
+    "pen-cloned": dict(eta=10.0),  # CORL configs/offline/edac/pen (N 20, 3M updates, lr 3e-4, raw rewards)
+    "pen-expert": dict(eta=10.0),  # CORL configs/offline/edac/pen/expert_v1.yaml (its env_name field reads pen-cloned)
+    "door-cloned": dict(eta=200.0),  # CORL configs/offline/edac/door/cloned_v1.yaml (N 50, 3M updates)
+    "door-expert": dict(eta=200.0),  # CORL configs/offline/edac/door/expert_v1.yaml (N 50, 3M updates)
     "door-human": dict(eta=200.0),  # CORL configs/offline/edac/door/human_v1.yaml (EDAC gives no command)
 }
-# Applied over DATASET_DEFAULTS by --preset, with the same keys.
+# Applied over DATASET_DEFAULTS by --preset, with the same keys (corl: configs/offline/edac/pen/human_v1.yaml).
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "edac": {},
-    "corl": {"pen-human": dict(offline_steps=3_000_000, actor_lr=3e-4, normalize_reward=False)},  # pen/human_v1.yaml
+    "corl": {"pen-human": dict(offline_steps=3_000_000, actor_lr=3e-4, alpha_lr=3e-4, normalize_reward=False)},
 }
 
 
@@ -598,6 +606,23 @@ def edac_critic_loss(critic: VectorizedCritic, obs: torch.Tensor, actions: torch
         off_diagonal = 1.0 - torch.eye(n, device=cos.device)
         loss = loss + eta * (cos * off_diagonal).sum(dim=(1, 2)).mean() / (n - 1)
     return loss, q.detach()
+
+
+def temperature_loss(log_alpha: torch.Tensor, log_pi: torch.Tensor, target_entropy: float) -> torch.Tensor:
+    """-mean[log alpha (log pi(a~|s) + H_target)], with no gradient into the policy."""
+    return -(log_alpha * (log_pi.detach() + target_entropy)).mean()
+
+
+def actor_loss(critic: VectorizedCritic, obs: torch.Tensor, action: torch.Tensor, log_pi: torch.Tensor,
+               alpha: torch.Tensor) -> torch.Tensor:
+    """mean[alpha log pi(a~|s) - min_i Q_i(s, a~)] on a reparameterised sample a~ of the current policy, offline and
+    online alike; the critics' weights stay out of the graph."""
+    return (alpha * log_pi - critic(obs, action, detach=True).min(dim=0).values).mean()
+
+
+def q_estimate(critic: VectorizedCritic, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    """The Q the diagnostics score: min over the ensemble, the value the actor maximises (q_diagnostics.md)."""
+    return critic(obs, action).min(dim=0).values
 # <<< shared: edac_losses
 
 
@@ -609,10 +634,6 @@ def bellman_target(actor: TanhGaussianActor, critic_target: VectorizedCritic, ba
     q_next = critic_target(batch["next_observations"], next_action).min(dim=0).values
     return batch["rewards"] + gamma * (1.0 - batch["terminated"]) * (q_next - alpha * next_log_pi)
 
-
-def temperature_loss(log_alpha: torch.Tensor, log_pi: torch.Tensor, target_entropy: float) -> torch.Tensor:
-    """-mean[log alpha (log pi(a~|s) + H_target)], with no gradient into the policy."""
-    return -(log_alpha * (log_pi.detach() + target_entropy)).mean()
 
 
 @dataclass
@@ -650,9 +671,9 @@ def make_update_fns(agent: Agent, args: Args, target_entropy: float
             alpha_optim.step()
             alpha = agent.log_alpha.detach().exp()
 
-            actor_loss = (alpha * log_pi - agent.critic(obs, action, detach=True).min(dim=0).values).mean()
+            a_loss = actor_loss(agent.critic, obs, action, log_pi, alpha)
             actor_optim.zero_grad(set_to_none=True)
-            actor_loss.backward()
+            a_loss.backward()
             actor_optim.step()
 
             y = bellman_target(agent.actor, agent.critic_target, batch, alpha, gamma)
@@ -661,7 +682,7 @@ def make_update_fns(agent: Agent, args: Args, target_entropy: float
             critic_loss.backward()
             critic_optim.step()
             polyak(agent.critic_target, agent.critic, tau)
-            return {"loss/critic": critic_loss.detach(), "loss/actor": actor_loss.detach(),
+            return {"loss/critic": critic_loss.detach(), "loss/actor": a_loss.detach(),
                     "loss/alpha": alpha_loss.detach(), "alpha": alpha, "entropy": -log_pi.detach().mean(),
                     "q/mean": q.mean(), "q/std_ensemble": q.std(dim=0).mean()}
 
@@ -1031,8 +1052,9 @@ def main(args: Args) -> Path:
     check_spaces(data, env, dataset_info["dataset"])
     eval_env = make_env(task, q_horizon(args.gamma) if args.q_diag_extend_steps is None else args.q_diag_extend_steps)
 
-    mean, std = moments(data["rewards"], eps=0.0) if args.normalize_reward else (np.float32(0), np.float32(1))
-    std = std if std > 0 else np.float32(1)
+    # Plain floats: the dataset's [n, 1] rewards would give 1-element arrays, which online rewards must not become.
+    mean, std = (float(m[0]) for m in moments(data["rewards"], eps=0.0)) if args.normalize_reward else (0.0, 1.0)
+    std = std if std > 0 else 1.0
     reward_fn = (lambda r: (r - mean) / std) if args.normalize_reward else (lambda r: r)
     data["rewards"] = reward_fn(data["rewards"])
 
@@ -1080,7 +1102,7 @@ def main(args: Args) -> Path:
     horizon = q_horizon(args.gamma)
     ctx = {"run_dir": run_dir, "env": env, "reward_fn": reward_fn, "dataset_info": dataset_info,
            "offline_grad_steps": 0 if args.offline_checkpoint else args.offline_steps,
-           "evaluate": lambda: {**evaluate(eval_env, agent.actor, lambda s, a: agent.critic(s, a).min(0).values,
+           "evaluate": lambda: {**evaluate(eval_env, agent.actor, lambda s, a: q_estimate(agent.critic, s, a),
                                            args.eval_episodes, 100_000 * (args.seed + 1), task.max_episode_steps,
                                            task.family, args.gamma, horizon, reward_fn),
                                 "wall_time": time.time()}}

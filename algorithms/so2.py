@@ -14,26 +14,39 @@ Differences from the authors' code (`SO2/ding/policy/edac.py`, `SO2/ding/entry/s
 - Target: per-member y_i with no min over the ensemble (code, default, `--target-q member`); the paper's appendix
   calls the online update "SAC-N in the EDAC manner", whose target is the min over members (`--target-q min`).
   Eq. 3 of the paper is not legible in the text we have.
-- Actor steps per env step: the paper's main results update the policy N_upc times (default,
-  `--actor-updates-per-step 10`); the code does one actor step after every 10th critic step
+- Actor steps per env step: the paper's main results update the policy N_upc times (default: one actor step after
+  every critic step, whatever `--utd-ratio` is); the code does one actor step after every 10th critic step
   (`--actor-updates-per-step 1`). Paper, appendix "Only Increase Q Update Frequency".
-- Online critic loss: mean over members (code, default); EDAC sums them (`--critic-reduction sum`).
+- Online critic loss: mean over members (code, default); EDAC sums them (`--critic-reduction sum`). Under Adam the
+  two differ little: a constant factor on a loss cancels in Adam's step up to its eps (1e-8), so `sum` is not an N
+  times larger step; it matters only where gradients are tiny.
 - Batches: 256 online + 2304 from an "offline" FIFO buffer that online samples overwrite, 2560 in all (code,
-  default, `--batch-mode mixed`); `--batch-mode uniform` samples uniformly over dataset + online data (the paper's
-  prose; pair it with `--online-batch-size 256`). Rows are drawn with replacement (the code draws without
-  replacement within a batch; at 2304 of 10^6 rows the two are the same in practice).
+  default, `--batch-mode mixed`). The dataset goes into that buffer shuffled with the run's seed, as the code pushes
+  it, so online samples replace random offline rows. `--batch-mode uniform` samples uniformly over dataset + online
+  data (the paper's prose; pair it with `--online-batch-size 256`). Rows are drawn with replacement (the code draws
+  without replacement within a batch; at 2304 of 10^6 rows the two are the same in practice).
 - Budget: 100k online env steps with the 5000-step warm-up included, evaluated every 1000 env steps (paper); the
   code runs to 150k env steps and evaluates every 100 env steps. 400k for Adroit (paper).
-- Time-outs: `truncated` bootstraps, `terminated` does not (project protocol); the code stores gym's `done`, which
-  makes 1000-step time-outs terminal for hopper and walker2d.
+- Time-outs: `truncated` bootstraps, `terminated` does not (project protocol, `--timeouts bootstrap`); the code
+  stores gym's `done`, which makes 1000-step time-outs terminal online for hopper and walker2d, and the published
+  numbers were made that way (`--timeouts terminal`; halfcheetah's config ignores every done). Offline data are the
+  same either way: D4RL's `qlearning_dataset` drops the time-out steps.
 - Offline pretraining runs in this file (EDAC as the EDAC code: N and eta per dataset, 3M updates, lr 3e-4,
   learned temperature, log_std in [-5, 2], critic loss summed over members, update order alpha -> actor -> critic
-  -> Polyak). The SO2 code loads an rlkit checkpoint instead; at the switch it keeps the actor and critics, fixes
-  alpha = 0.2, widens the log_std clamp to [-20, 2], and starts fresh Adam states with lr 1e-3. We do the same.
-  The temperature and actor losses share one policy sample, as in the EDAC code; the critic's target is computed
-  after the actor step, as CORL does (the EDAC code computes it before any step).
-- pen-human uses the EDAC README's command (N 20, eta 1000, 200k updates, actor lr 3e-5, rewards standardised);
-  eta for the random datasets and for pen/door cloned and expert is not stated in any source we have (1.0).
+  -> Polyak). The SO2 code loads an rlkit checkpoint instead; at the switch it keeps the actor, critics and target
+  critics (the targets continue from their offline values), fixes alpha = 0.2, widens the log_std clamp to
+  [-20, 2], and starts fresh Adam states with lr 1e-3. We do the same (`switch_to_online`).
+  The temperature and actor losses share one policy sample, as in the EDAC code. As CORL does, the actor loss and
+  the critic's target use alpha after the temperature step, and the target is computed after the actor step; the
+  EDAC code computes all three losses from the parameters before any step (one step of lr 3e-4 apart).
+- Per-dataset offline settings (`DATASET_DEFAULTS`): pen-human uses the EDAC README's command (N 20, eta 1000, 200k
+  updates, actor and temperature lr 3e-5 -- the EDAC trainer's temperature optimiser takes the policy lr --, rewards
+  standardised); pen-cloned/expert eta 10 and door-cloned/expert eta 200 with 3M updates come from CORL's EDAC
+  configs (CORL's pen/expert file names pen-cloned as its env; the EDAC README's pen-cloned command adds a max-Q
+  backup, 200k updates and actor lr 3e-5, not implemented here). Still unverified: eta for the random datasets
+  (1.0) and N and eta for the MuJoCo expert datasets (the family's N, eta 1.0); no source we have states them.
+- Adroit: the paper's Adroit agents were pretrained on D4RL v0 data (`pen-human-v0`, `door-human-v0`); we use
+  Minari's `D4RL/{pen,door}/human-v2` (or the rebuilt door-human), so Adroit numbers compare only roughly.
 
 Data, evaluation and outputs follow o2o-rl's protocol (`--help`; README.md): D4RL v2 files evaluate on the
 Gymnasium v4 environments, rebuilt and Minari data on v5, Adroit on `AdroitHand*-v1`.
@@ -133,8 +146,8 @@ class Args:
     """fixed temperature online (SO2 code)"""
     utd_ratio: int = 10
     """N_upc, critic updates per online env step"""
-    actor_updates_per_step: int = 10
-    """actor updates per online env step: 10 = paper, 1 = SO2 code (see the docstring)"""
+    actor_updates_per_step: int | None = None
+    """actor updates per online env step, spread evenly among the critic updates; default = utd_ratio (paper), 1 = SO2 code"""
     target_noise: float = 0.3
     """sigma, std of the PVU noise added to the target action after the tanh"""
     target_noise_clip: float = 0.6
@@ -151,6 +164,8 @@ class Args:
     """share of each mixed batch drawn from the online buffer (code: 256 of 2560)"""
     warmup_steps: int = 5_000
     """env steps collected with the pretrained stochastic policy before the first online update"""
+    timeouts: Literal["bootstrap", "terminal"] = "bootstrap"
+    """online time-outs: bootstrap (o2o-rl protocol) or terminal for hopper/walker2d (SO2 code, published numbers)"""
 
 
 # Only what differs from Args; a task id wins over its family.
@@ -160,7 +175,12 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "door": dict(n_critics=50, online_steps=400_000),  # SO2 paper, Table 8; Adroit budget
     "halfcheetah-medium-expert": dict(eta=5.0),  # CORL configs/offline/edac
     "walker2d-medium-expert": dict(eta=5.0),  # CORL configs/offline/edac
-    "pen-human": dict(eta=1000.0, offline_steps=200_000, actor_lr=3e-5, normalize_reward=True),  # EDAC README
+    # EDAC README's command; its --plr also sets the temperature's lr (the EDAC trainer's alpha optimiser uses policy_lr)
+    "pen-human": dict(eta=1000.0, offline_steps=200_000, actor_lr=3e-5, alpha_lr=3e-5, normalize_reward=True),
+    "pen-cloned": dict(eta=10.0),  # CORL configs/offline/edac/pen (N 20, 3M updates, lr 3e-4, raw rewards)
+    "pen-expert": dict(eta=10.0),  # CORL configs/offline/edac/pen/expert_v1.yaml (its env_name field reads pen-cloned)
+    "door-cloned": dict(eta=200.0),  # CORL configs/offline/edac/door/cloned_v1.yaml (N 50, 3M updates)
+    "door-expert": dict(eta=200.0),  # CORL configs/offline/edac/door/expert_v1.yaml (N 50, 3M updates)
     "door-human": dict(eta=200.0),  # CORL configs/offline/edac/door/human_v1.yaml
 }
 
@@ -615,6 +635,23 @@ def edac_critic_loss(critic: VectorizedCritic, obs: torch.Tensor, actions: torch
         off_diagonal = 1.0 - torch.eye(n, device=cos.device)
         loss = loss + eta * (cos * off_diagonal).sum(dim=(1, 2)).mean() / (n - 1)
     return loss, q.detach()
+
+
+def temperature_loss(log_alpha: torch.Tensor, log_pi: torch.Tensor, target_entropy: float) -> torch.Tensor:
+    """-mean[log alpha (log pi(a~|s) + H_target)], with no gradient into the policy."""
+    return -(log_alpha * (log_pi.detach() + target_entropy)).mean()
+
+
+def actor_loss(critic: VectorizedCritic, obs: torch.Tensor, action: torch.Tensor, log_pi: torch.Tensor,
+               alpha: torch.Tensor) -> torch.Tensor:
+    """mean[alpha log pi(a~|s) - min_i Q_i(s, a~)] on a reparameterised sample a~ of the current policy, offline and
+    online alike; the critics' weights stay out of the graph."""
+    return (alpha * log_pi - critic(obs, action, detach=True).min(dim=0).values).mean()
+
+
+def q_estimate(critic: VectorizedCritic, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    """The Q the diagnostics score: min over the ensemble, the value the actor maximises (q_diagnostics.md)."""
+    return critic(obs, action).min(dim=0).values
 # <<< shared: edac_losses
 
 
@@ -635,10 +672,6 @@ def bellman_target(actor: TanhGaussianActor, critic_target: VectorizedCritic, ba
         q_next = q_next.min(dim=0).values
     return batch["rewards"] + gamma * (1.0 - batch["terminated"]) * (q_next - alpha * next_log_pi)
 
-
-def temperature_loss(log_alpha: torch.Tensor, log_pi: torch.Tensor, target_entropy: float) -> torch.Tensor:
-    """-mean[log alpha (log pi(a~|s) + H_target)], with no gradient into the policy."""
-    return -(log_alpha * (log_pi.detach() + target_entropy)).mean()
 
 
 @dataclass
@@ -672,9 +705,9 @@ def make_offline_update(agent: Agent, args: Args, target_entropy: float
         alpha_optim.step()
         alpha = agent.log_alpha.detach().exp()
 
-        actor_loss = (alpha * log_pi - agent.critic(obs, action, detach=True).min(dim=0).values).mean()
+        a_loss = actor_loss(agent.critic, obs, action, log_pi, alpha)
         actor_optim.zero_grad(set_to_none=True)
-        actor_loss.backward()
+        a_loss.backward()
         actor_optim.step()
 
         y = bellman_target(agent.actor, agent.critic_target, batch, alpha, gamma, 0.0, 0.0, per_member=False)
@@ -683,11 +716,20 @@ def make_offline_update(agent: Agent, args: Args, target_entropy: float
         critic_loss.backward()
         critic_optim.step()
         polyak(agent.critic_target, agent.critic, tau)
-        return {"loss/critic": critic_loss.detach(), "loss/actor": actor_loss.detach(),
+        return {"loss/critic": critic_loss.detach(), "loss/actor": a_loss.detach(),
                 "loss/alpha": alpha_loss.detach(), "alpha": alpha, "entropy": -log_pi.detach().mean(),
                 "q/mean": q.mean(), "q/std_ensemble": q.std(dim=0).mean()}
 
     return update, {"actor_optim": actor_optim, "critic_optim": critic_optim, "alpha_optim": alpha_optim}
+
+
+def actor_updates(args: Args) -> int:
+    """Actor steps per env step: --actor-updates-per-step, or one per critic step (the paper's N_upc) if not given."""
+    n_actor = args.actor_updates_per_step or args.utd_ratio
+    if n_actor < 1 or args.utd_ratio < 1 or args.utd_ratio % n_actor:
+        raise RunError(f"--utd-ratio {args.utd_ratio} must be a positive multiple of --actor-updates-per-step "
+                       f"{n_actor} (actor steps are spread evenly among the critic steps)")
+    return n_actor
 
 
 def make_online_update(agent: Agent, args: Args
@@ -696,14 +738,15 @@ def make_online_update(agent: Agent, args: Args
     followed by a Polyak update, and actor steps spread evenly among them (after critic steps k, 2k, ...)."""
     actor_optim = torch.optim.Adam(agent.actor.parameters(), lr=args.online_lr)
     critic_optim = torch.optim.Adam(agent.critic.parameters(), lr=args.online_lr)
-    utd, actor_every = args.utd_ratio, args.utd_ratio // args.actor_updates_per_step
+    utd, n_actor = args.utd_ratio, actor_updates(args)
+    actor_every = utd // n_actor
     gamma, tau, per_member = args.gamma, args.tau, args.target_q == "member"
     noise, noise_clip = args.target_noise, args.target_noise_clip
     reduce_members = torch.mean if args.critic_reduction == "mean" else torch.sum
 
     def update(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         alpha = agent.log_alpha.exp()
-        critic_loss = actor_loss = q_mean = torch.zeros((), device=alpha.device)
+        critic_loss = a_loss_sum = q_mean = torch.zeros((), device=alpha.device)
         for u in range(utd):
             b = {k: v[u] for k, v in batch.items()}
             y = bellman_target(agent.actor, agent.critic_target, b, alpha, gamma, noise, noise_clip, per_member)
@@ -716,14 +759,13 @@ def make_online_update(agent: Agent, args: Args
             q_mean = q_mean + q.detach().mean() / utd
             if (u + 1) % actor_every == 0:
                 action, log_pi = agent.actor(b["observations"])
-                q_pi = agent.critic(b["observations"], action, detach=True).min(dim=0).values
-                a_loss = (alpha * log_pi - q_pi).mean()
+                a_loss = actor_loss(agent.critic, b["observations"], action, log_pi, alpha)
                 actor_optim.zero_grad(set_to_none=True)
                 a_loss.backward()
                 actor_optim.step()
-                actor_loss = actor_loss + a_loss.detach() / args.actor_updates_per_step
+                a_loss_sum = a_loss_sum + a_loss.detach() / n_actor
             polyak(agent.critic_target, agent.critic, tau)
-        return {"loss/critic": critic_loss, "loss/actor": actor_loss, "q/mean": q_mean}
+        return {"loss/critic": critic_loss, "loss/actor": a_loss_sum, "q/mean": q_mean}
 
     return update, {"actor_optim": actor_optim, "critic_optim": critic_optim}
 
@@ -1007,6 +1049,65 @@ def resumed_args(cls: type, run_dir: Path) -> Any:
 # <<< shared: checkpoint
 
 
+# ---- the switch to online, and the online buffers
+def switch_to_online(agent: Agent, args: Args) -> None:
+    """The SO2 code's settings at the switch: alpha fixed at --online-alpha (the checkpoint's temperature is not
+    used), the online head's wider log_std clamp [-20, 2]. Actor, critics and target critics carry over as they are;
+    fresh Adam states with --online-lr come from make_online_update."""
+    agent.actor.log_std_min = -20.0
+    with torch.no_grad():
+        agent.log_alpha.copy_(torch.tensor(math.log(args.online_alpha)))
+    agent.log_alpha.requires_grad_(False)
+
+
+def make_online_buffers(data: dict[str, np.ndarray], args: Args, obs_dim: int, act_dim: int,
+                        device: torch.device) -> dict[str, ReplayBuffer]:
+    """mixed: an online-only buffer and a FIFO "offline" buffer holding the dataset, which online transitions
+    overwrite oldest first. The dataset goes in shuffled with the run's seed, as the SO2 code pushes it, so that they
+    replace random offline rows; in file order they would first delete medium-replay's earliest data, or the medium
+    half of medium-expert. uniform: one buffer with the dataset and every online transition."""
+    n_data = len(data["rewards"])
+    capacity = args.online_steps if args.batch_mode == "mixed" else n_data + args.online_steps
+    buffers = {"online": ReplayBuffer(capacity, obs_dim, act_dim, device, args.seed + 1)}
+    if args.batch_mode == "mixed":
+        order = np.random.default_rng(args.seed).permutation(n_data)
+        buffers["offline"] = ReplayBuffer(n_data, obs_dim, act_dim, device, args.seed + 2)
+        buffers["offline"].load_dataset({k: v[order] for k, v in data.items()})
+    else:
+        buffers["online"].load_dataset(data)
+    return buffers
+
+
+def stored_flags(terminated: bool, truncated: bool, args: Args, family: str | None) -> tuple[bool, bool]:
+    """The (terminated, truncated) an online transition is stored with. --timeouts terminal copies the SO2 code,
+    which stores gym's `done`: a time-out stops bootstrapping for hopper and walker2d (its halfcheetah config
+    ignores every done, and halfcheetah never terminates)."""
+    if args.timeouts == "terminal" and truncated and not terminated and family != "halfcheetah":
+        return True, False
+    return terminated, truncated
+
+
+def store_transition(buffers: dict[str, ReplayBuffer], transition: tuple, warm: bool, args: Args) -> None:
+    """Every transition goes to the online buffer; in mixed mode those after the warm-up also go to the FIFO offline
+    buffer (SO2 code: warm-up data reach the online buffer only)."""
+    buffers["online"].add(*transition)
+    if args.batch_mode == "mixed" and not warm:
+        buffers["offline"].add(*transition)
+
+
+def sample_online_batch(buffers: dict[str, ReplayBuffer], args: Args) -> dict[str, torch.Tensor]:
+    """[utd_ratio, online_batch_size] rows. mixed: the first round(online_batch_size * online_fraction) rows of each
+    batch from the online buffer, the rest from the offline buffer (SO2 code: 256 + 2304); uniform: all from the
+    buffer of dataset + online data."""
+    utd, size = args.utd_ratio, args.online_batch_size
+    if args.batch_mode == "uniform":
+        return {k: v.view(utd, size, *v.shape[1:]) for k, v in buffers["online"].sample(utd * size).items()}
+    n_online = round(size * args.online_fraction)
+    on, off = buffers["online"].sample(utd * n_online), buffers["offline"].sample(utd * (size - n_online))
+    return {k: torch.cat([on[k].view(utd, n_online, *on[k].shape[1:]), off[k].view(utd, -1, *off[k].shape[1:])],
+                         dim=1) for k in on}
+
+
 # ---- training loops
 def train_offline(args: Args, agent: Agent, buffer: ReplayBuffer, update: Callable, optims: dict[str, Any],
                   ctx: dict[str, Any], logger: Logger, start: int) -> None:
@@ -1033,7 +1134,6 @@ def train_online(args: Args, agent: Agent, buffers: dict[str, ReplayBuffer], upd
                  ) -> None:
     env, run_dir, evaluate_now = ctx["env"], ctx["run_dir"], ctx["evaluate"]
     reward_fn = ctx["reward_fn"]
-    utd, n_online = args.utd_ratio, round(args.online_batch_size * args.online_fraction)
     env_step, grad_step = (resume["env_step"], resume["grad_step"]) if resume else (0, ctx["offline_grad_steps"])
     env.reset(seed=args.seed)
     if resume:  # checkpoints are taken at episode ends, so the env only needs its generator back
@@ -1046,23 +1146,13 @@ def train_online(args: Args, agent: Agent, buffers: dict[str, ReplayBuffer], upd
             logger.eval_row({"phase": "online", "env_step": env_step, "grad_step": grad_step, **evaluate_now()})
         action = agent.actor.act(obs, deterministic=False)
         next_obs, reward, terminated, truncated, _ = env.step(action)
-        transition = (obs, action, reward_fn(np.float64(reward)), next_obs, terminated, truncated)
-        buffers["online"].add(*transition)
+        flags = stored_flags(terminated, truncated, args, ctx["family"])
         warm = env_step < args.warmup_steps
-        if args.batch_mode == "mixed" and not warm:  # the offline buffer is FIFO: this overwrites its oldest row
-            buffers["offline"].add(*transition)
+        store_transition(buffers, (obs, action, reward_fn(np.float64(reward)), next_obs, *flags), warm, args)
         env_step += 1
         if not warm:
-            if args.batch_mode == "mixed":
-                on = buffers["online"].sample(utd * n_online)
-                off = buffers["offline"].sample(utd * (args.online_batch_size - n_online))
-                batch = {k: torch.cat([on[k].view(utd, n_online, *on[k].shape[1:]),
-                                       off[k].view(utd, -1, *off[k].shape[1:])], dim=1) for k in on}
-            else:
-                flat = buffers["online"].sample(utd * args.online_batch_size)
-                batch = {k: v.view(utd, args.online_batch_size, *v.shape[1:]) for k, v in flat.items()}
-            logger.accumulate(update(batch))
-            grad_step += utd
+            logger.accumulate(update(sample_online_batch(buffers, args)))
+            grad_step += args.utd_ratio
         if env_step % args.log_every == 0:
             logger.flush(env_step)
         obs = next_obs
@@ -1088,8 +1178,7 @@ def main(args: Args) -> Path:
     resume_dir = Path(args.resume) if args.resume else None
     if resume_dir:
         args = resumed_args(Args, resume_dir)
-    if args.utd_ratio % args.actor_updates_per_step:
-        raise RunError("--utd-ratio must be a multiple of --actor-updates-per-step")
+    args = dataclasses.replace(args, actor_updates_per_step=actor_updates(args))  # config.json records the count
     task = resolve_task(args.env_id, args.data, args.dataset)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -1100,8 +1189,9 @@ def main(args: Args) -> Path:
     check_spaces(data, env, dataset_info["dataset"])
     eval_env = make_env(task, q_horizon(args.gamma) if args.q_diag_extend_steps is None else args.q_diag_extend_steps)
 
-    mean, std = moments(data["rewards"], eps=0.0) if args.normalize_reward else (np.float32(0), np.float32(1))
-    std = std if std > 0 else np.float32(1)
+    # Plain floats: the dataset's [n, 1] rewards would give 1-element arrays, which online rewards must not become.
+    mean, std = (float(m[0]) for m in moments(data["rewards"], eps=0.0)) if args.normalize_reward else (0.0, 1.0)
+    std = std if std > 0 else 1.0
     reward_fn = (lambda r: (r - mean) / std) if args.normalize_reward else (lambda r: r)
     data["rewards"] = reward_fn(data["rewards"])
 
@@ -1128,8 +1218,8 @@ def main(args: Args) -> Path:
         return run_dir
     logger = Logger(run_dir, ckpt["n_eval_rows"] if ckpt else 0)
     horizon = q_horizon(args.gamma)
-    ctx = {"run_dir": run_dir, "env": env, "reward_fn": reward_fn, "dataset_info": dataset_info,
-           "evaluate": lambda: {**evaluate(eval_env, agent.actor, lambda s, a: agent.critic(s, a).min(0).values,
+    ctx = {"run_dir": run_dir, "env": env, "reward_fn": reward_fn, "dataset_info": dataset_info, "family": task.family,
+           "evaluate": lambda: {**evaluate(eval_env, agent.actor, lambda s, a: q_estimate(agent.critic, s, a),
                                            args.eval_episodes, 100_000 * (args.seed + 1), task.max_episode_steps,
                                            task.family, args.gamma, horizon, reward_fn),
                                 "wall_time": time.time()}}
@@ -1159,19 +1249,9 @@ def main(args: Args) -> Path:
             offline["agent"][key] = {k: v[: args.n_critics] for k, v in offline["agent"][key].items()}
         restore(vars(agent), offline["agent"])
 
-    # The switch to SO2: fixed temperature, the wider log_std clamp of the online head, fresh Adam states.
-    agent.actor.log_std_min = -20.0
-    with torch.no_grad():
-        agent.log_alpha.copy_(torch.tensor(math.log(args.online_alpha)))
-    agent.log_alpha.requires_grad_(False)
+    switch_to_online(agent, args)
     ctx["offline_grad_steps"] = 0 if args.offline_checkpoint else args.offline_steps
-    capacity = args.online_steps if args.batch_mode == "mixed" else n_data + args.online_steps
-    buffers = {"online": ReplayBuffer(capacity, obs_dim, act_dim, device, args.seed + 1)}
-    if args.batch_mode == "mixed":
-        buffers["offline"] = ReplayBuffer(n_data, obs_dim, act_dim, device, args.seed + 2)
-        buffers["offline"].load_dataset(data)
-    else:
-        buffers["online"].load_dataset(data)
+    buffers = make_online_buffers(data, args, obs_dim, act_dim, device)
     update, optims = make_online_update(agent, args)
     if ckpt:
         restore(vars(agent), ckpt["agent"])

@@ -483,6 +483,7 @@ def build_so2(workload: str, spec: Spec) -> Setup:
     online = workload == "so2"
     args = dataclasses.replace(so2.Args(n_critics=spec.n_critics or so2.Args.n_critics,
                                         eta=1.0 if workload == "edac" else 0.0), **spec.overrides)
+    args = dataclasses.replace(args, actor_updates_per_step=so2.actor_updates(args))  # as so2.main resolves it
     gen = torch.Generator().manual_seed(spec.seed)
     torch.manual_seed(spec.seed)
     actor = so2.TanhGaussianActor(obs_dim, act_dim, **hidden_kw(spec)).to(device)

@@ -15,6 +15,7 @@ from typing import Iterator
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,6 +39,44 @@ def load_algo(name: str):
 @pytest.fixture(scope="session")
 def so2():
     return load_algo("so2")
+
+
+# ---- plain computations for the update tests: a loss written out member by member, and its gradients
+def member_q(critic, obs, act, i, detach=False):
+    """Q_i(s, a) of member i with plain matmuls."""
+    h = torch.cat([obs, act], dim=-1)
+    for k, layer in enumerate(critic.layers):
+        w, b = (layer.weight[i], layer.bias[i, 0])
+        if detach:
+            w, b = w.detach(), b.detach()
+        h = h @ w + b
+        if k < len(critic.layers) - 1:
+            h = torch.relu(h)
+    return h.squeeze(-1)
+
+
+def all_q(critic, obs, act, detach=False):
+    return torch.stack([member_q(critic, obs, act, i, detach) for i in range(critic.n_critics)])
+
+
+def policy_sample(actor, obs, eps, log_std_bounds):
+    """tanh(mu + sigma eps) and its log-probability, with log_std clamped to the given bounds."""
+    h = actor.trunk(obs)
+    mu, log_std = actor.mu(h), actor.log_std(h).clamp(*log_std_bounds)
+    u = mu + log_std.exp() * eps
+    log_prob = torch.distributions.Normal(mu, log_std.exp()).log_prob(u).sum(-1)
+    return torch.tanh(u), log_prob - torch.log(1 - torch.tanh(u) ** 2 + 1e-6).sum(-1)
+
+
+def grads(module):
+    """The `.grad` an update left on every parameter of `module` (its last backward pass)."""
+    return [p.grad.clone() if p.grad is not None else None for p in module.parameters()]
+
+
+def assert_grads_close(got, expected, what):
+    for k, (g, e) in enumerate(zip(got, expected)):
+        assert g is not None, f"{what}: parameter {k} has no gradient"
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4, msg=lambda m: f"{what}, parameter {k}: {m}")
 
 
 # ---- network guard

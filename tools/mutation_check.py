@@ -108,7 +108,8 @@ def run_one(m: Mutant, timeout: int) -> Mutant:
         if not m.files:
             m.status, m.detail = "stale", "`find` occurs in no algorithm file"
             return m
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1",
+               "COLUMNS": "400"}  # pytest fits its summary line (with the message) to the width
         cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-rfE", "-p", "no:cacheprovider", *m.tests]
         try:
             proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
