@@ -86,6 +86,14 @@ def close(actual, expected, what, atol=1e-5, rtol=1e-5):
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
 
 
+def same(actual, expected, msg, rtol=0.0):
+    """np.testing's comparison with `msg` on the first line, where pytest's failure summary shows it."""
+    try:
+        np.testing.assert_allclose(actual, expected, rtol=rtol, atol=0)
+    except AssertionError as e:
+        raise AssertionError(f"{msg}\n{e}") from None
+
+
 # ---------------------------------------------------------------- critic step
 def test_critic_step_value_gradient_target_and_polyak():
     agent = make_agent(seed=1)
@@ -326,8 +334,8 @@ def test_warm_up_is_uniform_random_without_updates(loop_run):
     assert all(not det for _, det in rec["act"]), "SAC collects with the stochastic policy"
     torch.manual_seed(3)
     expected = np.stack([(torch.rand(ACT_DIM) * 2 - 1).numpy() for _ in range(LEARNING_STARTS)])
-    np.testing.assert_array_equal(np.stack(env.actions[:LEARNING_STARTS]), expected,
-                                  err_msg="warm-up actions must be uniform on [-1, 1] from torch's generator")
+    same(np.stack(env.actions[:LEARNING_STARTS]), expected,
+         "warm-up actions must be uniform on [-1, 1] from torch's generator")
     assert [n for n, _ in rec["critic"]] == list(range(LEARNING_STARTS + 1, N_STEPS + 1)), \
         "one critic step per env step once more than learning_starts transitions are stored, none before"
 
@@ -345,16 +353,17 @@ def test_batches_and_delayed_actor_steps(loop_run):
 def test_loop_stores_true_transitions(loop_run):
     added = loop_run["buffer"].added()
     assert len(added["rewards"]) == N_STEPS
-    np.testing.assert_array_equal(added["actions"], np.stack(loop_run["env"].actions).astype(np.float32))
-    np.testing.assert_array_equal(added["next_observations"][:, 0], added["observations"][:, 0] + 1,
-                                  err_msg="stored s' must be the step's own next observation, not the reset one")
+    same(added["actions"], np.stack(loop_run["env"].actions).astype(np.float32),
+         "stored actions must be the ones taken")
+    same(added["next_observations"][:, 0], added["observations"][:, 0] + 1,
+         msg="stored s' must be the step's own next observation, not the reset one")
     t_next, ep = added["next_observations"][:, 1], added["next_observations"][:, 2]
-    np.testing.assert_allclose(added["rewards"], 0.5 + t_next, err_msg="rewards must be stored raw")
+    same(added["rewards"], 0.5 + t_next, msg="rewards must be stored raw")
     term, trunc = (ep % 2 == 0) & (t_next == 5), (ep % 2 == 1) & (t_next == 4)
     assert term.sum() >= 3 and trunc.sum() >= 3
-    np.testing.assert_array_equal(added["terminated"], term.astype(np.float32),
-                                  err_msg="terminated must be set only at terminations (a time-out is not one)")
-    np.testing.assert_array_equal(added["truncated"], trunc.astype(np.float32))
+    same(added["terminated"], term.astype(np.float32),
+         msg="terminated must be set only at terminations (a time-out is not one)")
+    same(added["truncated"], trunc.astype(np.float32), "truncated must mark the time-limit ends")
 
 
 # ---------------------------------------------------------------- what main builds

@@ -72,6 +72,14 @@ def grads(module):
     return [p.grad.clone() for p in module.parameters()]
 
 
+def same(actual, expected, msg, rtol=0.0):
+    """np.testing's comparison with `msg` on the first line, where pytest's failure summary shows it."""
+    try:
+        np.testing.assert_allclose(actual, expected, rtol=rtol, atol=0)
+    except AssertionError as e:
+        raise AssertionError(f"{msg}\n{e}") from None
+
+
 # ---------------------------------------------------------------- losses
 def test_lambda_and_actor_loss_match_direct_computation():
     torch.manual_seed(1)
@@ -359,15 +367,15 @@ def test_buffer_holds_dataset_and_online_data_and_statistics(full_run, hopper_fi
     n = len(data["rewards"])
     assert buffer.capacity == n + 150 and buffer.size == n + 150 and buffer.n_added == 150, \
         "the buffer must hold the dataset plus every online transition"
-    np.testing.assert_array_equal(buffer.storage[:n, buffer.slices["observations"]].numpy(), data["observations"],
-                                  err_msg="the dataset must stay in the buffer through the online phase")
-    np.testing.assert_array_equal(buffer.storage[:n, buffer.slices["terminated"]].numpy(), data["terminated"])
+    same(buffer.storage[:n, buffer.slices["observations"]].numpy(), data["observations"],
+         msg="the dataset must stay in the buffer through the online phase")
+    same(buffer.storage[:n, buffer.slices["terminated"]].numpy(), data["terminated"], "dataset flags in the buffer")
     mean, std = data["observations"].mean(0), data["observations"].std(0) + 1e-3
     final = torch.load(run_dir / "checkpoint.pt", weights_only=False)["agent"]
     for net in ("actor", "actor_target", "critic", "critic_target"):
-        np.testing.assert_allclose(final[net]["obs_mean"].numpy(), mean, rtol=1e-6, err_msg=f"{net}.obs_mean")
-        np.testing.assert_allclose(final[net]["obs_std"].numpy(), std, rtol=1e-6,
-                                   err_msg=f"{net}.obs_std must be the dataset's std + 1e-3")
+        same(final[net]["obs_mean"].numpy(), mean, rtol=1e-6, msg=f"{net}.obs_mean")
+        same(final[net]["obs_std"].numpy(), std, rtol=1e-6,
+             msg=f"{net}.obs_std must be the dataset's std + 1e-3")
     assert full_run_seen["agents"][-1].actor.expl_noise == 0.1, "online exploration noise must be --expl-noise"
 
 

@@ -77,6 +77,14 @@ def close(actual, expected, what, atol=1e-5, rtol=1e-5):
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
 
 
+def same(actual, expected, msg, rtol=0.0):
+    """np.testing's comparison with `msg` on the first line, where pytest's failure summary shows it."""
+    try:
+        np.testing.assert_allclose(actual, expected, rtol=rtol, atol=0)
+    except AssertionError as e:
+        raise AssertionError(f"{msg}\n{e}") from None
+
+
 # ---------------------------------------------------------------- critic step
 def test_critic_step_value_gradient_and_target():
     """y = r + gamma (1 - terminated) min(Q1', Q2')(s', clip(pi'(s') + clip(sigma eps, -c, c), -1, 1)); loss
@@ -314,22 +322,21 @@ def test_online_loop_stores_true_transitions(online_run):
     added = online_run["buffer"].added()
     assert len(added["rewards"]) == 30
     acted = np.stack([o for o, _, _ in online_run["record"]["act"]])
-    np.testing.assert_allclose(added["observations"], acted, err_msg="stored s is not the observation acted on")
+    same(added["observations"], acted, msg="stored s is not the observation acted on")
     t_next = added["next_observations"][:, 1]
     ep = added["next_observations"][:, 2]
-    np.testing.assert_array_equal(added["next_observations"][:, 0], added["observations"][:, 0] + 1,
-                                  err_msg="stored s' is not the step's own next observation")
-    np.testing.assert_allclose(added["rewards"], 0.5 + t_next, err_msg="stored rewards must be the env's, raw")
+    same(added["next_observations"][:, 0], added["observations"][:, 0] + 1,
+         msg="stored s' is not the step's own next observation")
+    same(added["rewards"], 0.5 + t_next, msg="stored rewards must be the env's, raw")
     term = (ep % 2 == 0) & (t_next == 5)
     trunc = (ep % 2 == 1) & (t_next == 4)
     assert trunc.sum() >= 3 and term.sum() >= 3
-    np.testing.assert_array_equal(added["terminated"], term.astype(np.float32),
-                                  err_msg="terminated must be set only at terminations (a time-out is not one)")
-    np.testing.assert_array_equal(added["truncated"], trunc.astype(np.float32),
-                                  err_msg="truncated must mark the time-limit ends")
-    np.testing.assert_array_equal(online_run["buffer"].storage[:40, 0].numpy(),
-                                  online_run["data"]["observations"][:, 0],
-                                  err_msg="the dataset must stay in the buffer online")
+    same(added["terminated"], term.astype(np.float32),
+         msg="terminated must be set only at terminations (a time-out is not one)")
+    same(added["truncated"], trunc.astype(np.float32),
+         msg="truncated must mark the time-limit ends")
+    same(online_run["buffer"].storage[:40, 0].numpy(), online_run["data"]["observations"][:, 0],
+         "the dataset must stay in the buffer online")
 
 
 def test_online_batches_are_uniform_over_dataset_and_online_rows(online_run):
