@@ -180,7 +180,37 @@ def iql_args(tmp, data, **kw):
     return iql.Args(**base)
 
 
-def test_iql_end_to_end(tmp_path, hopper_file):
+def test_iql_end_to_end(tmp_path, hopper_file, monkeypatch):
+    """Also: online rewards reach the buffer scaled like the dataset's, as scalars (--normalize-reward is on by
+    default), and evaluation's Q_est is min(Q1', Q2') of the target twin."""
+    probe = (torch.randn(5, 11, generator=torch.Generator().manual_seed(0)),
+             torch.rand(5, 3, generator=torch.Generator().manual_seed(1)) * 2 - 1)
+    seen, raw_rewards, stored = [], [], []
+    real_evaluate, real_make_env, real_add = iql.evaluate, iql.make_env, iql.ReplayBuffer.add
+
+    def evaluate(env, actor, q_fn, *rest):
+        seen.append(q_fn(*probe).detach().clone())
+        return real_evaluate(env, actor, q_fn, *rest)
+
+    class RecordRewards(iql.gym.Wrapper):
+        def step(self, action):
+            out = self.env.step(action)
+            raw_rewards.append(out[1])
+            return out
+
+    made = []
+
+    def make_env(task, extend_steps=0):
+        made.append(real_make_env(task, extend_steps))
+        return RecordRewards(made[-1]) if len(made) == 1 else made[-1]  # the first env made is the training env
+
+    def add(self, obs, action, reward, *rest):
+        stored.append(reward)
+        return real_add(self, obs, action, reward, *rest)
+
+    monkeypatch.setattr(iql, "evaluate", evaluate)
+    monkeypatch.setattr(iql, "make_env", make_env)
+    monkeypatch.setattr(iql.ReplayBuffer, "add", add)
     run_dir = iql.main(iql_args(tmp_path, hopper_file))
     check_outputs(run_dir, "iql_ft")
     rows = read_rows(run_dir)
@@ -195,15 +225,37 @@ def test_iql_end_to_end(tmp_path, hopper_file):
     assert float(offline["optims"]["actor_optim"]["param_groups"][0]["lr"]) < 1e-12  # decayed to 0 offline
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
     assert float(ckpt["optims"]["actor_optim"]["param_groups"][0]["lr"]) == pytest.approx(3e-4)  # constant online
+    assert len(stored) == len(raw_rewards) == 200 and all(np.ndim(r) == 0 for r in stored)
+    assert config["reward_scale"] != 1.0
+    np.testing.assert_allclose(stored, np.asarray(raw_rewards) * config["reward_scale"], rtol=1e-6,
+                               err_msg="online rewards must be scaled like the dataset's")
+    critic, target = iql.TwinQ(11, 3), iql.TwinQ(11, 3)
+    critic.load_state_dict(ckpt["agent"]["critic"])
+    target.load_state_dict(ckpt["agent"]["critic_target"])
+    with torch.no_grad():
+        q, q_t = critic(*probe), target(*probe)
+    assert not torch.allclose(torch.minimum(q[0], q[1]), torch.minimum(q_t[0], q_t[1]))
+    torch.testing.assert_close(seen[-1], torch.minimum(q_t[0], q_t[1]),
+                               msg="evaluation's Q_est must be min(Q1', Q2') of the target twin")
 
 
-def test_corl_preset_from_offline_checkpoint(tmp_path, hopper_file):
+def test_corl_preset_from_offline_checkpoint(tmp_path, hopper_file, monkeypatch):
     args = iql.parse_args(["--env-id", "hopper-medium", "--preset", "corl"])
     assert args.actor_type == "deterministic" and args.normalize_obs
     kw = {k: getattr(args, k) for k in ("normalize_obs", "update_order", "lr_schedule", "actor_type")}
     first = iql.main(iql_args(tmp_path / "a", hopper_file, online_steps=0, **kw))
+    steps_at_switch, real_online = [], iql.train_online
+
+    def train_online(args, agent, buffer, update, optims, *rest):
+        steps_at_switch.extend(float(st["step"]) for k, o in optims.items() if k != "actor_schedule"
+                               for st in o.state_dict()["state"].values())
+        return real_online(args, agent, buffer, update, optims, *rest)
+
+    monkeypatch.setattr(iql, "train_online", train_online)
     run_dir = iql.main(iql_args(tmp_path / "b", hopper_file, offline_checkpoint=str(first / "offline.pt"),
                                 online_steps=60, eval_every=50, **kw))
+    assert steps_at_switch and set(steps_at_switch) == {40.0}, \
+        "fine-tuning from offline.pt continues the offline Adam states (40 steps), it does not start fresh ones"
     rows = read_rows(run_dir)
     assert {r["phase"] for r in rows} == {"online"} and rows[-1]["grad_step"] == 60
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
