@@ -314,11 +314,11 @@ def test_switch_from_offline_checkpoint(tmp_path, hopper_file, monkeypatch):
     first = run_to_switch(monkeypatch, tiny_args(tmp_path / "a", hopper_file))
     path = first["run_dir"] / "offline.pt"
     saved = torch.load(path, weights_only=False)
-    assert float(saved["agent"]["log_alpha"]) != 0.0
+    assert float(saved["agent"]["log_alpha"].detach()) != 0.0
     seen = run_to_switch(monkeypatch, tiny_args(tmp_path / "b", hopper_file, offline_checkpoint=str(path)))
     assert "offline" not in seen, "--offline-checkpoint skips pretraining"
     on = seen["online"]
     assert_same_state(on["agent_state"], saved["agent"], "agent from offline.pt (temperature included)")
     assert_same_state(on["optims_state"], saved["optims"], "optimisers from offline.pt (Adam moments kept)")
     assert on["update"] is seen["fns"][1] and on["ctx"]["offline_grad_steps"] == 0
-    assert math.isfinite(float(on["agent"].log_alpha))
+    assert math.isfinite(float(on["agent"].log_alpha.detach()))

@@ -104,13 +104,13 @@ def direct_losses(agent, batch, cql_alpha, gamma, k, temp, lo, hi, n_max, backup
 
 
 CASES = {
-    # name: (Args overrides, phase)
-    "offline, loose mode set": (dict(cql_alpha=2.0, online_mode="loose"), "offline"),
-    "offline, max-backup, entropy backup, temperature": (
+    # test id: (Args overrides, phase)
+    "offline-in_loose_mode": (dict(cql_alpha=2.0, online_mode="loose"), "offline"),
+    "offline-max_backup-entropy_backup-temp": (
         dict(cql_alpha=2.0, cql_max_target_backup=True, backup_entropy=True, cql_temp=0.7), "offline"),
-    "online original, own weight": (dict(cql_alpha=2.0, cql_alpha_online=0.5), "online"),
-    "online original, offline weight": (dict(cql_alpha=2.0), "online"),
-    "online loose": (dict(cql_alpha=2.0, cql_alpha_online=0.5, online_mode="loose"), "online"),
+    "online-original-own_alpha": (dict(cql_alpha=2.0, cql_alpha_online=0.5), "online"),
+    "online-original-offline_alpha": (dict(cql_alpha=2.0), "online"),
+    "online-loose": (dict(cql_alpha=2.0, cql_alpha_online=0.5, online_mode="loose"), "online"),
 }
 
 

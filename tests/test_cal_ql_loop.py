@@ -1,0 +1,345 @@
+"""algorithms/cal_ql.py around the update: what the online loop stores and samples (a scripted env whose episodes
+terminate, time out or run into the budget; buffers whose rows are marked by provenance): whole episodes with their
+Monte-Carlo returns, then as many updates as the episode had steps, on batches of dataset rows then online rows; and
+what main hands to the online phase (the same agent, temperature and optimiser state, the online update, the dataset
+with returns of the scaled rewards, an empty online buffer, reward scaling as a scalar function, min(Q1, Q2) of the
+online critics for the Q diagnostics)."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import gymnasium as gym
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from conftest import load_algo
+
+cal = load_algo("cal_ql")
+torch.set_num_threads(1)  # the tiny networks are slower with threads on a shared machine
+
+SCRIPT = ((3, "terminated"), (4, "truncated"), (2, "terminated"), (100, "none"))  # the last one meets the budget
+SCALE = 2.5
+
+
+class ScriptedEnv(gym.Env):
+    """Episodes of scripted lengths and endings. Observation [episode, t, 1] (1 marks online rows; the dataset's rows
+    carry -1), reward 10 * episode + t + 1 at step t."""
+
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (3,), np.float64)
+    action_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+
+    def __init__(self) -> None:
+        self.episode, self.t = 0, 0
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        if self.t:
+            self.episode, self.t = self.episode + 1, 0
+        return self.obs(), {}
+
+    def obs(self) -> np.ndarray:
+        return np.array([self.episode, self.t, 1.0])
+
+    def step(self, action):
+        length, end = SCRIPT[self.episode]
+        reward = 10.0 * self.episode + self.t + 1
+        self.t += 1
+        done = self.t == length
+        return self.obs(), reward, done and end == "terminated", done and end == "truncated", {}
+
+
+def expected_online_rows(n_steps: int) -> list[dict]:
+    rows = []
+    for ep, (length, end) in enumerate(SCRIPT):
+        for t in range(length):
+            if len(rows) == n_steps:
+                return rows
+            last = t == length - 1
+            rows.append({"obs": [ep, t, 1.0], "next_obs": [ep, t + 1, 1.0], "reward": SCALE * (10.0 * ep + t + 1),
+                         "terminated": float(last and end == "terminated"),
+                         "truncated": float(last and end == "truncated")})
+    return rows
+
+
+def make_agent(obs_dim: int = 3, act_dim: int = 2):
+    torch.manual_seed(0)
+    mean, std = torch.zeros(obs_dim), torch.ones(obs_dim)
+    actor, critic = cal.Actor(obs_dim, act_dim, mean, std, hidden=32), cal.Critic(obs_dim, act_dim, 2, mean, std)
+    cal.init_weights(actor, critic, "corl-offline")
+    return cal.Agent(actor, critic, copy.deepcopy(critic), torch.zeros((), requires_grad=True))
+
+
+DATA_RETURN = -7.0  # the dataset rows' Monte-Carlo return, a marker
+
+
+def dataset(n: int = 20) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    obs = np.stack([np.arange(n), np.zeros(n), -np.ones(n)], axis=1).astype(np.float32)  # [row, 0, -1]
+    return {"observations": obs, "actions": rng.uniform(-1, 1, (n, 2)).astype(np.float32),
+            "rewards": rng.standard_normal((n, 1)).astype(np.float32), "next_observations": obs + [0, 1, 0],
+            "terminated": np.zeros((n, 1), np.float32), "truncated": np.zeros((n, 1), np.float32),
+            "mc_returns": np.full(n, DATA_RETURN)}
+
+
+def test_online_loop_stores_episodes_and_samples(tmp_path):
+    online_steps, batch_size, ratio, gamma = 12, 8, 0.25, 0.9
+    args = cal.Args(online_steps=online_steps, eval_every=5, batch_size=batch_size, mixing_ratio=ratio, gamma=gamma,
+                    checkpoint_every=10**6, log_every=10**6)
+    agent, data, device = make_agent(), dataset(), torch.device("cpu")
+    buffers = {"online": cal.MCReplayBuffer(online_steps, 3, 2, device, 1),
+               "offline": cal.MCReplayBuffer(len(data["rewards"]), 3, 2, device, 2)}
+    buffers["offline"].load_dataset(data)
+    calls = []
+
+    def update(batch):
+        calls.append({"n_online": buffers["online"].n_added, "batch": {k: v.clone() for k, v in batch.items()}})
+        return {}
+
+    evaluations = []
+    ctx = {"env": ScriptedEnv(), "run_dir": tmp_path, "reward_fn": lambda r: r * SCALE, "offline_grad_steps": 40,
+           "evaluate": lambda: evaluations.append(len(calls)) or {
+               "return_mean": 0.0, "return_std": 0.0, "normalized_score": 0.0, "q_normalized_difference": 0.0,
+               "q_kendall_tau": 0.0}}
+    logger = cal.Logger(tmp_path)
+    cal.train_online(args, agent, buffers, update, {}, ctx, logger, None)
+    logger.close()
+
+    # a whole episode first (3, 4 and 2 steps, then 3 cut by the budget), then as many updates as it had steps
+    lengths = [3, 4, 2, 3]
+    ends = np.cumsum(lengths)
+    want_n = [int(e) for e, n in zip(ends, lengths) for _ in range(n)]
+    assert [c["n_online"] for c in calls] == want_n, \
+        "each episode's rows (with their returns) go in when it ends, then one update per step it had"
+    assert evaluations == [0, 3, 9, 12], "evaluations at env steps 0, 5, 10 (mid-episode) and at the end"
+
+    stored = buffers["online"].added()
+    stored["mc_returns"] = stored["mc_returns"].ravel()  # the shared buffer squeezes only its own scalar columns
+    want = expected_online_rows(online_steps)
+    assert len(stored["rewards"]) == online_steps
+    returns, start = [], 0
+    for n in lengths:  # discounted return-to-go inside each episode, nothing past its last step
+        r = [row["reward"] for row in want[start:start + n]]
+        returns += [sum(gamma ** j * x for j, x in enumerate(r[t:])) for t in range(n)]
+        start += n
+    for i, row in enumerate(want):
+        np.testing.assert_allclose(stored["observations"][i], row["obs"], err_msg=f"online row {i}: observation")
+        np.testing.assert_allclose(stored["next_observations"][i], row["next_obs"],
+                                   err_msg=f"online row {i}: next observation (the real one, not the reset's)")
+        assert stored["rewards"][i] == pytest.approx(row["reward"]), \
+            f"online row {i}: reward must be the env reward through reward_fn (x{SCALE})"
+        assert stored["terminated"][i] == row["terminated"] and stored["truncated"][i] == row["truncated"], \
+            (f"online row {i}: stored terminated/truncated {stored['terminated'][i]}/{stored['truncated'][i]}, env "
+             f"said {row['terminated']}/{row['truncated']} (a time-out is not a termination)")
+        assert stored["mc_returns"][i] == pytest.approx(returns[i], rel=1e-5), \
+            (f"online row {i}: Monte-Carlo return {stored['mc_returns'][i]}, want {returns[i]}: the discounted "
+             f"scaled rewards to the end of its own episode (the bound applies to online episodes)")
+    with torch.no_grad():
+        mean_action = agent.actor(torch.as_tensor(stored["observations"]), deterministic=True)[0].numpy()
+    assert np.all(np.abs(stored["actions"]) <= 1) and np.abs(stored["actions"] - mean_action).min() > 1e-4, \
+        "online actions must be sampled from the policy, not its deterministic mean"
+
+    n_offline = int(batch_size * ratio)
+    by_step = {(float(o[0]), float(o[1])): float(g) for o, g in zip(stored["observations"], stored["mc_returns"])}
+    for j, c in enumerate(calls):
+        obs, mc = c["batch"]["observations"], c["batch"]["mc_returns"].view(-1)
+        assert len(obs) == batch_size, f"update {j + 1}: batch of {len(obs)} rows, want {batch_size}"
+        assert (obs[:n_offline, 2] == -1).all() and (obs[n_offline:, 2] == 1).all(), \
+            (f"update {j + 1}: batch must be {n_offline} dataset rows (mixing_ratio {ratio}) then "
+             f"{batch_size - n_offline} online rows; provenance {obs[:, 2].tolist()}")
+        assert (mc[:n_offline] == DATA_RETURN).all(), f"update {j + 1}: dataset rows lost their returns"
+        seen = {(float(o[0]), float(o[1])) for o in stored["observations"][:c["n_online"]]}
+        for o, g in zip(obs[n_offline:], mc[n_offline:]):
+            key = (float(o[0]), float(o[1]))
+            assert key in seen, f"update {j + 1}: an online row that was not stored yet"
+            assert float(g) == pytest.approx(by_step[key]), f"update {j + 1}: a row's return is not its own"
+
+
+# ---------------------------------------------------------------- main at the switch to online
+@pytest.fixture(scope="module")
+def hopper_file(tmp_path_factory) -> Path:
+    """300 steps of random actions in Hopper-v4, in D4RL's layout; time-outs at 30 steps."""
+    path = tmp_path_factory.mktemp("data") / "hopper_tiny.hdf5"
+    env, rng = gym.make("Hopper-v4"), np.random.default_rng(0)
+    obs, _ = env.reset(seed=0)
+    rows: dict[str, list] = {k: [] for k in ("observations", "actions", "rewards", "terminals", "timeouts")}
+    t = 0
+    for _ in range(300):
+        action = rng.uniform(-1, 1, 3).astype(np.float32)
+        next_obs, reward, terminated, _, _ = env.step(action)
+        t += 1
+        for k, v in zip(rows, (obs, action, reward, terminated, t >= 30 and not terminated)):
+            rows[k].append(v)
+        obs = next_obs
+        if terminated or t >= 30:
+            obs, t = env.reset()[0], 0
+    with h5py.File(path, "w") as f:
+        for k, v in rows.items():
+            f[k] = np.asarray(v, dtype=np.float32 if k not in ("terminals", "timeouts") else bool)
+    return path
+
+
+def direct_reward_scale(path: Path, max_episode_steps: int = 1000) -> float:
+    """max_episode_steps / (max - min episode return) over the episodes of the raw file, as qlearning_dataset keeps
+    them (time-out steps and the file's last step dropped; an episode ends at a terminal or before a time-out)."""
+    with h5py.File(path, "r") as f:
+        r, term, timeout = f["rewards"][()].astype(np.float64), f["terminals"][()], f["timeouts"][()]
+    returns, total, n = [], 0.0, len(r)
+    for i in range(n - 1):
+        if timeout[i]:
+            continue
+        total += r[i]
+        if term[i] or timeout[i + 1] or i + 1 == n - 1:
+            returns.append(total)
+            total = 0.0
+    return max_episode_steps / (max(returns) - min(returns))
+
+
+def assert_same_state(a, b, where: str) -> None:
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same_state(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=where)
+    else:
+        assert a == b, where
+
+
+def run_to_switch(monkeypatch, args) -> dict:
+    """main with the online phase replaced by a recorder and evaluation by a stub; what the phases received."""
+    seen = {}
+    real_make, real_offline = cal.make_update_fns, cal.train_offline
+
+    def make_update_fns(agent, a, act_dim):
+        seen["fns"] = real_make(agent, a, act_dim)
+        seen["initial_log_alpha"] = float(agent.log_alpha.detach())
+        return seen["fns"]
+
+    def train_offline(a, agent, buffer, update, optims, ctx, logger, start):
+        seen["offline"] = {"agent": agent, "buffer": buffer, "update": update, "optims": optims}
+        real_offline(a, agent, buffer, update, optims, ctx, logger, start)
+
+    def train_online(a, agent, buffers, update, optims, ctx, logger, resume):
+        seen["online"] = {"agent": agent, "buffers": buffers, "update": update, "optims": optims, "ctx": ctx,
+                          "agent_state": copy.deepcopy(cal.state_of(vars(agent))),
+                          "optims_state": copy.deepcopy(cal.state_of(optims))}
+
+    def evaluate(env, actor, q_fn, n_episodes, seed, limit, family, gamma, horizon, reward_fn):
+        seen["evaluate"] = {"q_fn": q_fn, "seed": seed, "gamma": gamma, "reward_fn": reward_fn}
+        return {"return_mean": 0.0, "return_std": 0.0, "normalized_score": 0.0, "q_normalized_difference": 0.0,
+                "q_kendall_tau": 0.0, "q_scored_steps": 0}
+
+    monkeypatch.setattr(cal, "make_update_fns", make_update_fns)
+    monkeypatch.setattr(cal, "train_offline", train_offline)
+    monkeypatch.setattr(cal, "train_online", train_online)
+    monkeypatch.setattr(cal, "evaluate", evaluate)
+    seen["run_dir"] = cal.main(args)
+    return seen
+
+
+def tiny_args(tmp: Path, data: Path, **kw):
+    base = dict(env_id="hopper-medium", dataset=str(data), device="cpu", output_dir=str(tmp), batch_size=16,
+                cql_n_actions=2, q_n_hidden_layers=1, offline_steps=3, offline_eval_every=3, online_steps=50,
+                eval_episodes=1, checkpoint_every=1000, log_every=1000, seed=3)
+    base.update(kw)
+    return cal.Args(**base)
+
+
+def check_q_diagnostics(seen: dict) -> None:
+    agent = seen["online"]["agent"]
+    s, a = torch.randn(5, 11), torch.rand(5, 3) * 2 - 1
+    with torch.no_grad():
+        for p in agent.critic_target.parameters():  # a target far from the critics, so that using it shows
+            p.add_(torch.randn_like(p))
+        q = agent.critic(s, a)
+        assert (q[0] - q[1]).abs().min() > 1e-6
+        torch.testing.assert_close(seen["evaluate"]["q_fn"](s, a), q.min(0).values, rtol=0, atol=0,
+                                   msg="Q diagnostics must use min(Q1, Q2) of the online critics (q_diagnostics.md)")
+
+
+def direct_dataset_returns(path: Path, scale: float, gamma: float) -> np.ndarray:
+    """Discounted return-to-go of every kept row of the raw file on the scaled rewards, each episode on its own."""
+    with h5py.File(path, "r") as f:
+        r, term, timeout = f["rewards"][()].astype(np.float64), f["terminals"][()], f["timeouts"][()]
+    out, episode, n = [], [], len(r)
+    for i in range(n - 1):
+        if timeout[i]:
+            continue
+        episode.append(scale * r[i])
+        if term[i] or timeout[i + 1] or i + 1 == n - 1:
+            out += [sum(gamma ** j * x for j, x in enumerate(episode[t:])) for t in range(len(episode))]
+            episode = []
+    return np.asarray(out)
+
+
+@pytest.mark.parametrize("calibrate_online", [True, False])
+def test_switch_to_online(tmp_path, hopper_file, monkeypatch, calibrate_online):
+    args = tiny_args(tmp_path, hopper_file, mixing_ratio=0.25, normalize_reward=True,
+                     calibrate_online=calibrate_online)
+    seen = run_to_switch(monkeypatch, args)
+    off, on = seen["offline"], seen["online"]
+    data, _ = cal.load_dataset(cal.resolve_task(args.env_id, None, args.dataset), args.dataset)
+    n_data = len(data["rewards"])
+    scale = direct_reward_scale(hopper_file)
+
+    assert seen["initial_log_alpha"] == 0.0, "log alpha starts at 0 (CORL)"
+    assert off["update"] is seen["fns"][0] and on["update"] is seen["fns"][1], \
+        "offline phase gets the offline update, online phase the online one (--calibrate-online)"
+    assert on["agent"] is off["agent"] and on["optims"] is off["optims"], \
+        "fine-tuning continues the pretrained networks, temperature and optimisers"
+    saved = torch.load(seen["run_dir"] / "offline.pt", weights_only=False)
+    assert_same_state(on["agent_state"], saved["agent"], "agent at the switch vs offline.pt")
+    assert_same_state(on["optims_state"], saved["optims"], "optimisers at the switch vs offline.pt")
+    assert on["optims_state"]["actor_optim"]["state"][0]["step"] == args.offline_steps, "Adam state kept"
+    lrs = {k: [g["lr"] for g in o.param_groups] for k, o in on["optims"].items()}
+    assert lrs == {"actor_optim": [args.policy_lr], "critic_optim": [args.qf_lr], "alpha_optim": [args.policy_lr]}, \
+        f"online learning rates {lrs}: the offline ones, unchanged"
+    assert on["ctx"]["offline_grad_steps"] == args.offline_steps
+
+    reward = on["ctx"]["reward_fn"](np.float64(2.0))
+    assert np.ndim(reward) == 0 and float(reward) == pytest.approx(2.0 * scale, rel=1e-6), \
+        f"online reward_fn(2.0) = {reward!r}, want the scalar {2.0 * scale}"
+    assert seen["evaluate"]["reward_fn"] is on["ctx"]["reward_fn"], "Q diagnostics see the critic's rewards"
+    assert seen["evaluate"]["seed"] == 100_000 * (args.seed + 1) and seen["evaluate"]["gamma"] == args.gamma
+    check_q_diagnostics(seen)
+
+    # the offline phase samples the dataset: rewards scaled, returns computed on the scaled rewards
+    buf = off["buffer"]
+    assert buf.size == n_data and buf.generator.initial_seed() == args.seed
+    rows = buf.storage[:n_data]
+    np.testing.assert_allclose(rows[:, buf.slices["rewards"]].numpy(), data["rewards"] * scale, rtol=1e-5)
+    np.testing.assert_array_equal(rows[:, buf.slices["observations"]].numpy(), data["observations"])
+    np.testing.assert_allclose(rows[:, buf.slices["mc_returns"]].numpy().ravel(),
+                               direct_dataset_returns(hopper_file, scale, args.gamma), rtol=1e-5, atol=1e-4,
+                               err_msg="dataset returns: per episode (terminated or time-out), on scaled rewards")
+
+    bufs = on["buffers"]
+    assert set(bufs) == {"online", "offline"}, "online: a dataset buffer and an online buffer"
+    assert bufs["offline"].size == bufs["offline"].capacity == n_data
+    np.testing.assert_array_equal(bufs["offline"].storage.numpy(), buf.storage[:n_data].numpy())
+    assert bufs["online"].size == 0 and bufs["online"].capacity == args.online_steps
+    seeds = (bufs["online"].generator.initial_seed(), bufs["offline"].generator.initial_seed())
+    assert seeds == (args.seed + 1, args.seed + 2), f"buffer seeds {seeds}: two independent streams"
+
+
+def test_switch_from_offline_checkpoint(tmp_path, hopper_file, monkeypatch):
+    first = run_to_switch(monkeypatch, tiny_args(tmp_path / "a", hopper_file))
+    path = first["run_dir"] / "offline.pt"
+    saved = torch.load(path, weights_only=False)
+    assert float(saved["agent"]["log_alpha"].detach()) != 0.0
+    seen = run_to_switch(monkeypatch, tiny_args(tmp_path / "b", hopper_file, offline_checkpoint=str(path)))
+    assert "offline" not in seen, "--offline-checkpoint skips pretraining"
+    on = seen["online"]
+    assert_same_state(on["agent_state"], saved["agent"], "agent from offline.pt (temperature included)")
+    assert_same_state(on["optims_state"], saved["optims"], "optimisers from offline.pt (Adam moments kept)")
+    assert on["update"] is seen["fns"][1] and on["ctx"]["offline_grad_steps"] == 0
+    assert math.isfinite(float(on["agent"].log_alpha.detach()))
