@@ -95,6 +95,25 @@ def same(actual, expected, msg, rtol=0.0):
 
 
 # ---------------------------------------------------------------- critic step
+def test_terminated_not_truncated_stops_bootstrapping():
+    """Swap the flags of one batch: the target must change exactly on the rows whose `terminated` changed."""
+    agent = make_agent(seed=2)
+    batch = make_batch(seed=2)
+    swapped = {**batch, "terminated": batch["truncated"], "truncated": batch["terminated"]}
+    update_critic, _, _ = sac.make_update_fns(copy.deepcopy(agent), sac.Args(), target_entropy=-2.0)
+    update_critic_b, _, _ = sac.make_update_fns(copy.deepcopy(agent), sac.Args(), target_entropy=-2.0)
+    torch.manual_seed(0)
+    a = update_critic(batch)["loss/critic"]
+    torch.manual_seed(0)
+    b = update_critic_b(swapped)["loss/critic"]
+    assert not torch.allclose(a, b), "the critic loss must depend on `terminated`, not on `truncated`"
+    same = {**batch, "truncated": torch.ones(24)}
+    update_critic_c, _, _ = sac.make_update_fns(copy.deepcopy(agent), sac.Args(), target_entropy=-2.0)
+    torch.manual_seed(0)
+    c = update_critic_c(same)["loss/critic"]
+    assert torch.equal(a, c), "`truncated` must not enter the Bellman target (time-outs bootstrap)"
+
+
 def test_critic_step_value_gradient_target_and_polyak():
     agent = make_agent(seed=1)
     ref = copy.deepcopy(agent)
@@ -133,25 +152,6 @@ def test_critic_step_value_gradient_target_and_polyak():
         assert torch.equal(p, p0), "the critic step must not move the actor"
     assert agent.log_alpha.item() == ref.log_alpha.item(), "the critic step must not move the temperature"
     assert optims["critic_optim"].param_groups[0]["lr"] == args.q_lr
-
-
-def test_terminated_not_truncated_stops_bootstrapping():
-    """Swap the flags of one batch: the target must change exactly on the rows whose `terminated` changed."""
-    agent = make_agent(seed=2)
-    batch = make_batch(seed=2)
-    swapped = {**batch, "terminated": batch["truncated"], "truncated": batch["terminated"]}
-    update_critic, _, _ = sac.make_update_fns(copy.deepcopy(agent), sac.Args(), target_entropy=-2.0)
-    update_critic_b, _, _ = sac.make_update_fns(copy.deepcopy(agent), sac.Args(), target_entropy=-2.0)
-    torch.manual_seed(0)
-    a = update_critic(batch)["loss/critic"]
-    torch.manual_seed(0)
-    b = update_critic_b(swapped)["loss/critic"]
-    assert not torch.allclose(a, b), "the critic loss must depend on `terminated`, not on `truncated`"
-    same = {**batch, "truncated": torch.ones(24)}
-    update_critic_c, _, _ = sac.make_update_fns(copy.deepcopy(agent), sac.Args(), target_entropy=-2.0)
-    torch.manual_seed(0)
-    c = update_critic_c(same)["loss/critic"]
-    assert torch.equal(a, c), "`truncated` must not enter the Bellman target (time-outs bootstrap)"
 
 
 # ---------------------------------------------------------------- actor and temperature

@@ -105,19 +105,21 @@ def test_critic_step_value_gradient_and_target():
         assert (eps.abs() > 0.3).any() and (eps.abs() < 0.3).any()
         a_next = (pi_next + eps.clamp(-0.3, 0.3)).clamp(-1, 1)
         assert ((pi_next + eps.clamp(-0.3, 0.3)).abs() > 1).any()  # the final clip matters in this batch
-        q_next = torch.minimum(plain_q(ref.critic_target, s2, a_next, 0), plain_q(ref.critic_target, s2, a_next, 1))
         q1n, q2n = plain_q(ref.critic_target, s2, a_next, 0), plain_q(ref.critic_target, s2, a_next, 1)
         assert (q1n < q2n).any() and (q1n > q2n).any()  # each twin is the min on some rows
-        y = batch["rewards"] + 0.9 * (1 - batch["terminated"]) * q_next
+        y = batch["rewards"] + 0.9 * (1 - batch["terminated"]) * torch.minimum(q1n, q2n)
+    q1 = plain_q(ref.critic, batch["observations"], batch["actions"], 0)
+    q2 = plain_q(ref.critic, batch["observations"], batch["actions"], 1)
+    close(ref.critic(batch["observations"], batch["actions"]), torch.stack([q1, q2]).detach(),
+          "the critics must see the standardised observation (s - mean) / std")
     # The target on its own, per row: terminated rows are r, truncated rows r + gamma min Q'.
     torch.manual_seed(5)
     y_file = td3bc.td3_target(ref.actor_target, ref.critic_target, batch, 0.9, 0.4, 0.3)
     close(y_file[:6], batch["rewards"][:6], "terminated rows must not bootstrap (y = r)")
-    close(y_file[6:14], y[6:14], "truncated rows must bootstrap: y = r + gamma min(Q1', Q2')(s', a')")
-    close(y_file, y, "td3_target: twin min of the target critics at the clipped, smoothed target action")
-
-    q1 = plain_q(ref.critic, batch["observations"], batch["actions"], 0)
-    q2 = plain_q(ref.critic, batch["observations"], batch["actions"], 1)
+    assert ((y_file[6:14] - batch["rewards"][6:14]).abs() > 1e-4).all(), \
+        "truncated rows (time limit) must bootstrap: y = r + gamma min Q', not r"
+    close(y_file, y, "td3_target = r + gamma (1 - terminated) min(Q1', Q2')(s', a') at "
+                     "a' = clip(pi'(s') + clip(sigma eps, -c, c), -1, 1)")
     loss = ((q1 - y) ** 2).mean() + ((q2 - y) ** 2).mean()
     close(out["loss/critic"], loss.detach(), "critic loss = MSE(Q1, y) + MSE(Q2, y)")
     loss.backward()
