@@ -127,9 +127,9 @@ def test_online_loop_stores_episodes_and_samples(tmp_path):
         returns += [sum(gamma ** j * x for j, x in enumerate(r[t:])) for t in range(n)]
         start += n
     for i, row in enumerate(want):
-        np.testing.assert_allclose(stored["observations"][i], row["obs"], err_msg=f"online row {i}: observation")
-        np.testing.assert_allclose(stored["next_observations"][i], row["next_obs"],
-                                   err_msg=f"online row {i}: next observation (the real one, not the reset's)")
+        assert_rows(stored["observations"][i], row["obs"], f"online row {i}: observation")
+        assert_rows(stored["next_observations"][i], row["next_obs"],
+                    f"online row {i}: next observation (the real one, not the reset's)")
         assert stored["rewards"][i] == pytest.approx(row["reward"]), \
             f"online row {i}: reward must be the env reward through reward_fn (x{SCALE})"
         assert stored["terminated"][i] == row["terminated"] and stored["truncated"][i] == row["truncated"], \
@@ -197,6 +197,15 @@ def direct_reward_scale(path: Path, max_episode_steps: int = 1000) -> float:
             returns.append(total)
             total = 0.0
     return max_episode_steps / (max(returns) - min(returns))
+
+
+def assert_rows(got, want, what: str, rtol: float = 0.0, atol: float = 0.0) -> None:
+    """Arrays equal within tolerance, with a one-line message naming what differs and where first."""
+    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    assert got.shape == want.shape, f"{what}: shape {got.shape}, want {want.shape}"
+    bad = np.argwhere(~np.isclose(got, want, rtol=rtol, atol=atol))
+    assert not len(bad), (f"{what}: {len(bad)} entries differ, first at {tuple(bad[0])}: "
+                          f"{got[tuple(bad[0])]!r} vs {want[tuple(bad[0])]!r}")
 
 
 def assert_same_state(a, b, where: str) -> None:
@@ -316,16 +325,19 @@ def test_switch_to_online(tmp_path, hopper_file, monkeypatch, calibrate_online):
     buf = off["buffer"]
     assert buf.size == n_data and buf.generator.initial_seed() == args.seed
     rows = buf.storage[:n_data]
-    np.testing.assert_allclose(rows[:, buf.slices["rewards"]].numpy(), data["rewards"] * scale, rtol=1e-5)
-    np.testing.assert_array_equal(rows[:, buf.slices["observations"]].numpy(), data["observations"])
-    np.testing.assert_allclose(rows[:, buf.slices["mc_returns"]].numpy().ravel(),
-                               direct_dataset_returns(hopper_file, scale, args.gamma), rtol=1e-5, atol=1e-4,
-                               err_msg="dataset returns: per episode (terminated or time-out), on scaled rewards")
+    assert_rows(rows[:, buf.slices["rewards"]].numpy(), data["rewards"] * scale,
+                f"offline buffer rewards: the dataset's times the scale {scale:.4g}", rtol=1e-5)
+    assert_rows(rows[:, buf.slices["observations"]].numpy(), data["observations"], "offline buffer observations")
+    want_returns = direct_dataset_returns(hopper_file, scale, args.gamma)
+    assert_rows(rows[:, buf.slices["mc_returns"]].numpy().ravel(), want_returns,
+                "dataset returns: discounted within each episode (ended by a termination or a time-out), on the "
+                "scaled rewards", rtol=1e-5, atol=1e-4)
 
     bufs = on["buffers"]
     assert set(bufs) == {"online", "offline"}, "online: a dataset buffer and an online buffer"
     assert bufs["offline"].size == bufs["offline"].capacity == n_data
-    np.testing.assert_array_equal(bufs["offline"].storage.numpy(), buf.storage[:n_data].numpy())
+    assert_rows(bufs["offline"].storage.numpy(), buf.storage[:n_data].numpy(),
+                "online phase's dataset buffer: the dataset, with returns, the offline phase used")
     assert bufs["online"].size == 0 and bufs["online"].capacity == args.online_steps
     seeds = (bufs["online"].generator.initial_seed(), bufs["offline"].generator.initial_seed())
     assert seeds == (args.seed + 1, args.seed + 2), f"buffer seeds {seeds}: two independent streams"

@@ -118,9 +118,9 @@ def test_online_loop_stores_and_samples(tmp_path, buffer_mode):
     want = expected_online_rows(online_steps)
     assert len(stored["rewards"]) == online_steps
     for i, row in enumerate(want):
-        np.testing.assert_allclose(stored["observations"][i], row["obs"], err_msg=f"online row {i}: observation")
-        np.testing.assert_allclose(stored["next_observations"][i], row["next_obs"],
-                                   err_msg=f"online row {i}: next observation (the real one, not the reset's)")
+        assert_rows(stored["observations"][i], row["obs"], f"online row {i}: observation")
+        assert_rows(stored["next_observations"][i], row["next_obs"],
+                    f"online row {i}: next observation (the real one, not the reset's)")
         assert stored["rewards"][i] == pytest.approx(row["reward"]), \
             f"online row {i}: reward must be the env reward through reward_fn (x{SCALE})"
         assert stored["terminated"][i] == row["terminated"] and stored["truncated"][i] == row["truncated"], \
@@ -186,6 +186,15 @@ def direct_reward_scale(path: Path, max_episode_steps: int = 1000) -> float:
             returns.append(total)
             total = 0.0
     return max_episode_steps / (max(returns) - min(returns))
+
+
+def assert_rows(got, want, what: str, rtol: float = 0.0, atol: float = 0.0) -> None:
+    """Arrays equal within tolerance, with a one-line message naming what differs and where first."""
+    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    assert got.shape == want.shape, f"{what}: shape {got.shape}, want {want.shape}"
+    bad = np.argwhere(~np.isclose(got, want, rtol=rtol, atol=atol))
+    assert not len(bad), (f"{what}: {len(bad)} entries differ, first at {tuple(bad[0])}: "
+                          f"{got[tuple(bad[0])]!r} vs {want[tuple(bad[0])]!r}")
 
 
 def assert_same_state(a, b, where: str) -> None:
@@ -290,8 +299,9 @@ def test_switch_to_online(tmp_path, hopper_file, monkeypatch, buffer_mode):
     buf = off["buffer"]
     assert buf.size == n_data and buf.generator.initial_seed() == args.seed
     rows = buf.storage[:n_data]
-    np.testing.assert_allclose(rows[:, buf.slices["rewards"]].numpy(), data["rewards"] * scale, rtol=1e-5)
-    np.testing.assert_array_equal(rows[:, buf.slices["observations"]].numpy(), data["observations"])
+    assert_rows(rows[:, buf.slices["rewards"]].numpy(), data["rewards"] * scale,
+                f"offline buffer rewards: the dataset's times the scale {scale:.4g}", rtol=1e-5)
+    assert_rows(rows[:, buf.slices["observations"]].numpy(), data["observations"], "offline buffer observations")
 
     bufs = on["buffers"]
     if buffer_mode == "single":
@@ -300,11 +310,13 @@ def test_switch_to_online(tmp_path, hopper_file, monkeypatch, buffer_mode):
         assert b.capacity == n_data + args.online_steps and b.size == n_data and b.n_added == 0, \
             "single buffer: the whole dataset, then room for every online step (CORL: nothing evicted)"
         assert b.generator.initial_seed() == args.seed + 1
-        np.testing.assert_array_equal(b.storage[:n_data].numpy(), buf.storage[:n_data].numpy())
+        assert_rows(b.storage[:n_data].numpy(), buf.storage[:n_data].numpy(),
+                    "single buffer: its first rows must be the (scaled) dataset the offline phase used")
     else:
         assert set(bufs) == {"online", "offline"}, "--buffer-mode mixed: a dataset buffer and an online buffer"
         assert bufs["offline"].size == bufs["offline"].capacity == n_data
-        np.testing.assert_array_equal(bufs["offline"].storage.numpy(), buf.storage[:n_data].numpy())
+        assert_rows(bufs["offline"].storage.numpy(), buf.storage[:n_data].numpy(),
+                    "online phase's dataset buffer: the (scaled) dataset the offline phase used")
         assert bufs["online"].size == 0 and bufs["online"].capacity == args.online_steps
         seeds = (bufs["online"].generator.initial_seed(), bufs["offline"].generator.initial_seed())
         assert seeds == (args.seed + 1, args.seed + 2), f"buffer seeds {seeds}: two independent streams"
