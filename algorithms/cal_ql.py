@@ -1057,6 +1057,16 @@ def sample(buffers: dict[str, MCReplayBuffer], batch_size: int, n_offline: int) 
     return {k: torch.cat([off[k], on[k]]) for k in off}
 
 
+def online_buffers(args: Args, data: dict[str, np.ndarray], obs_dim: int, act_dim: int, device: torch.device
+                   ) -> dict[str, MCReplayBuffer]:
+    """The dataset (with its returns) and the online episodes in separate buffers, for the fixed shares of each batch;
+    each samples with its own seed, apart from the offline phase's."""
+    buffers = {"online": MCReplayBuffer(args.online_steps, obs_dim, act_dim, device, args.seed + 1),
+               "offline": MCReplayBuffer(len(data["rewards"]), obs_dim, act_dim, device, args.seed + 2)}
+    buffers["offline"].load_dataset(data)
+    return buffers
+
+
 def episode_rows(steps: list[tuple], gamma: float) -> dict[str, np.ndarray]:
     """An online episode's transitions as buffer columns with their returns; its last step ends it, whether the env
     terminated, truncated, or the budget ran out."""
@@ -1211,9 +1221,7 @@ def main(args: Args) -> Path:
                            f"--q-n-hidden-layers it was trained with") from None
 
     ctx["offline_grad_steps"] = 0 if args.offline_checkpoint else args.offline_steps
-    buffers = {"online": MCReplayBuffer(args.online_steps, obs_dim, act_dim, device, args.seed + 1),
-               "offline": MCReplayBuffer(n_data, obs_dim, act_dim, device, args.seed + 2)}
-    buffers["offline"].load_dataset(data)
+    buffers = online_buffers(args, data, obs_dim, act_dim, device)
     if ckpt:
         restore(vars(agent), ckpt["agent"])
         restore(optims, ckpt["optims"])

@@ -1021,6 +1021,22 @@ def sample(buffers: dict[str, ReplayBuffer], batch_size: int, n_offline: int) ->
     return {k: torch.cat([off[k], on[k]]) for k in off}
 
 
+def online_buffers(args: Args, data: dict[str, np.ndarray], obs_dim: int, act_dim: int, device: torch.device
+                   ) -> dict[str, ReplayBuffer]:
+    """single: the dataset, then room for every online step, so that nothing is evicted and batches stay uniform over
+    both (CORL); mixed: the dataset in a buffer of its own for a fixed share of each batch. Each samples with its own
+    seed, apart from the offline phase's."""
+    n_data = len(data["rewards"])
+    capacity = args.online_steps if args.buffer_mode == "mixed" else n_data + args.online_steps
+    buffers = {"online": ReplayBuffer(capacity, obs_dim, act_dim, device, args.seed + 1)}
+    if args.buffer_mode == "mixed":
+        buffers["offline"] = ReplayBuffer(n_data, obs_dim, act_dim, device, args.seed + 2)
+        buffers["offline"].load_dataset(data)
+    else:
+        buffers["online"].load_dataset(data)
+    return buffers
+
+
 def train_offline(args: Args, agent: Agent, buffer: ReplayBuffer, update: Callable, optims: dict[str, Any],
                   ctx: dict[str, Any], logger: Logger, start: int) -> None:
     run_dir, evaluate_now = ctx["run_dir"], ctx["evaluate"]
@@ -1162,13 +1178,7 @@ def main(args: Args) -> Path:
                            f"--q-n-hidden-layers it was trained with") from None
 
     ctx["offline_grad_steps"] = 0 if args.offline_checkpoint else args.offline_steps
-    capacity = args.online_steps if args.buffer_mode == "mixed" else n_data + args.online_steps
-    buffers = {"online": ReplayBuffer(capacity, obs_dim, act_dim, device, args.seed + 1)}
-    if args.buffer_mode == "mixed":
-        buffers["offline"] = ReplayBuffer(n_data, obs_dim, act_dim, device, args.seed + 2)
-        buffers["offline"].load_dataset(data)
-    else:
-        buffers["online"].load_dataset(data)
+    buffers = online_buffers(args, data, obs_dim, act_dim, device)
     if ckpt:
         restore(vars(agent), ckpt["agent"])
         restore(optims, ckpt["optims"])

@@ -223,6 +223,7 @@ def test_end_to_end(full_run):
     run_dir, saved = full_run
     config = json.loads((run_dir / "config.json").read_text())
     assert config["algo"] == "cal_ql" and config["eval_env_id"] == "Hopper-v4" and len(config["dataset_sha256"]) == 64
+    assert config["args"]["normalize_reward"], "reward rescaling stays on through the online steps (issue 9)"
     rows = read_rows(run_dir)
     for row in rows:
         for key in EVAL_KEYS:
