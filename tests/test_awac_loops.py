@@ -61,6 +61,14 @@ def marked_data():
             "terminated": np.zeros((N_DATA, 1), np.float32), "truncated": np.zeros((N_DATA, 1), np.float32)}
 
 
+def check_rows(got, expected, msg, **tol):
+    """np.testing's comparison with `msg` as the first line of the failure (pytest's one-line summary shows it)."""
+    try:
+        np.testing.assert_allclose(np.asarray(got, dtype=np.float64), np.asarray(expected, dtype=np.float64), **tol)
+    except AssertionError as e:
+        raise AssertionError(f"{msg}\n{e}") from None
+
+
 EVAL = {"return_mean": 0.0, "return_std": 0.0, "normalized_score": 0.0, "q_normalized_difference": 0.0,
         "q_kendall_tau": 0.0, "q_scored_steps": 0, "wall_time": 0.0}
 
@@ -127,21 +135,19 @@ def test_online_transitions_are_stored_as_the_env_gave_them(tmp_path):
     stored = buffer.added()
     assert len(stored["rewards"]) == a.online_steps == len(env.log)
     log = env.log
-    np.testing.assert_array_equal(stored["observations"], [s["obs"] for s in log])
-    np.testing.assert_array_equal(stored["next_observations"], [s["next_obs"] for s in log],
-                                  err_msg="next_obs of the last step of an episode is its final observation")
-    np.testing.assert_allclose(stored["rewards"], [s["reward"] for s in log], err_msg="raw env rewards")
-    np.testing.assert_array_equal(stored["terminated"], [s["terminated"] for s in log],
-                                  err_msg="terminated flags as the env returned them")
-    np.testing.assert_array_equal(stored["truncated"], [s["truncated"] for s in log],
-                                  err_msg="truncated flags as the env returned them (a time-out is no terminal)")
+    check_rows(stored["observations"], [s["obs"] for s in log], "stored observations")
+    check_rows(stored["next_observations"], [s["next_obs"] for s in log],
+               "stored next_obs: the last step of an episode keeps its final observation")
+    check_rows(stored["rewards"], [s["reward"] for s in log], "stored rewards: the raw env rewards", rtol=1e-6)
+    check_rows(stored["terminated"], [s["terminated"] for s in log], "stored terminated flags as the env gave them")
+    check_rows(stored["truncated"], [s["truncated"] for s in log],
+               "stored truncated flags as the env gave them (a time-out is no terminal)")
     assert stored["terminated"].sum() > 0 and stored["truncated"].sum() > 0
-    np.testing.assert_allclose(stored["actions"], [s["action"] for s in log])
+    check_rows(stored["actions"], [s["action"] for s in log], "stored actions: the ones sent to the env")
     # exploration: a ~ pi(.|s) (one torch draw per step, nothing else draws with a recording update), clipped
     torch.manual_seed(11)
     with torch.no_grad():
         for s in log:
             mean, log_std = agent.actor(torch.as_tensor(s["obs"]).unsqueeze(0))
             sampled = (mean + log_std.exp() * torch.randn(1, ACT)).clamp(-1, 1)[0].numpy()
-            np.testing.assert_allclose(s["action"], sampled, rtol=1e-5, atol=1e-6,
-                                       err_msg="online actions are policy samples, not the mean")
+            check_rows(s["action"], sampled, "online actions are policy samples, not the mean", rtol=1e-5, atol=1e-6)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import load_algo
-from test_awac_loops import ACT, EVAL, N_DATA, OBS, MarkedEnv, marked_data
+from test_awac_loops import ACT, EVAL, N_DATA, OBS, MarkedEnv, check_rows, marked_data
 
 iql = load_algo("iql_ft")
 SCALE = 2.5
@@ -62,7 +62,8 @@ def test_online_batches_provenance_and_schedule(tmp_path, schedule):
     iql.train_online(a, agent, buffer, update, optims, ctx, logger, None)
     logger.close()
     assert len(calls) == a.online_steps, "one update per env step, from the first (no warm-up)"
-    assert [c["n_stored"] for c in calls] == list(range(1, a.online_steps + 1))
+    assert [c["n_stored"] for c in calls] == list(range(1, a.online_steps + 1)), \
+        "update k samples after the k-th online transition is stored"
     online_rows, expected, var = 0, 0.0, 0.0
     for c in calls:
         assert len(c["obs0"]) == a.batch_size, f"online batches have --batch-size ({a.batch_size}) rows"
@@ -89,16 +90,16 @@ def test_online_transitions_and_exploration(tmp_path, actor_type):
     logger.close()
     stored, log = buffer.added(), env.log
     assert len(stored["rewards"]) == a.online_steps == len(log)
-    np.testing.assert_array_equal(stored["observations"], [s["obs"] for s in log])
-    np.testing.assert_array_equal(stored["next_observations"], [s["next_obs"] for s in log])
-    np.testing.assert_allclose(stored["rewards"], [SCALE * s["reward"] for s in log], rtol=1e-6,
-                               err_msg="online rewards get the dataset's reward transform")
-    np.testing.assert_array_equal(stored["terminated"], [s["terminated"] for s in log],
-                                  err_msg="terminated flags as the env returned them")
-    np.testing.assert_array_equal(stored["truncated"], [s["truncated"] for s in log],
-                                  err_msg="truncated flags as the env returned them (a time-out is no terminal)")
+    check_rows(stored["observations"], [s["obs"] for s in log], "stored observations")
+    check_rows(stored["next_observations"], [s["next_obs"] for s in log],
+               "stored next_obs: the last step of an episode keeps its final observation")
+    check_rows(stored["rewards"], [SCALE * s["reward"] for s in log],
+               "stored rewards: online rewards get the dataset's reward transform", rtol=1e-6)
+    check_rows(stored["terminated"], [s["terminated"] for s in log], "stored terminated flags as the env gave them")
+    check_rows(stored["truncated"], [s["truncated"] for s in log],
+               "stored truncated flags as the env gave them (a time-out is no terminal)")
     assert stored["terminated"].sum() > 0 and stored["truncated"].sum() > 0
-    np.testing.assert_allclose(stored["actions"], [s["action"] for s in log])
+    check_rows(stored["actions"], [s["action"] for s in log], "stored actions: the ones sent to the env")
     torch.manual_seed(11)  # the only draws: the exploration noise, one per step
     clipped = False
     with torch.no_grad():
@@ -112,5 +113,5 @@ def test_online_transitions_and_exploration(tmp_path, actor_type):
                 clipped |= bool((raw.abs() > 0.5).any())
                 expected = np.clip(mean[0].numpy() + raw.clamp(-0.5, 0.5).numpy(), -1, 1)
                 msg = "deterministic actor: mean + N(0, expl_noise^2) noise clipped to +-0.5 (CORL)"
-            np.testing.assert_allclose(s["action"], expected, rtol=1e-5, atol=1e-6, err_msg=msg)
+            check_rows(s["action"], expected, msg, rtol=1e-5, atol=1e-6)
     assert actor_type == "gaussian" or clipped, "test setup: the noise clip never binds"

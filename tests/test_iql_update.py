@@ -40,8 +40,12 @@ def tiny_agent(dropout=0.0, seed=0, hidden=8):
         for critic in (agent.critic, agent.critic_target):
             critic.q.layers[-1].weight.mul_(3.0)
         agent.actor.log_std.copy_(torch.tensor([-7.0, 0.4]))  # -7 is clamped to -5
-        batch = marked_batch()  # centre V on the test batch, so that u = Q' - V takes both signs
-        u = twin_min(agent.critic_target(batch["observations"], batch["actions"])) - agent.value(batch["observations"])
+        # on the test batch: each twin is the smaller one on some rows, and u = Q' - V takes both signs
+        obs, act = marked_batch()["observations"], marked_batch()["actions"]
+        for critic in (agent.critic, agent.critic_target):
+            q = critic(obs, act)
+            critic.q.layers[-1].bias[0].sub_((q[0] - q[1]).median())
+        u = twin_min(agent.critic_target(obs, act)) - agent.value(obs)
         agent.value.net[-1].bias.add_(u.median())
     return agent
 
@@ -96,7 +100,9 @@ def test_update_vs_direct(case):
 
     # 1. V: expectile regression on min(Q1', Q2') of the target twin, at V before its step
     with torch.no_grad():
-        q_t = twin_min(old.critic_target(obs, act))
+        q_both = old.critic_target(obs, act)
+        q_t = twin_min(q_both)
+    assert (q_both[0] < q_both[1]).any() and (q_both[0] > q_both[1]).any(), "test setup: one twin is always the min"
     u = q_t - old.value(obs)
     assert (u > 0).any() and (u < 0).any(), "test setup: u has one sign only"
     value_loss = torch.mean(torch.where(u > 0, a.expectile, 1 - a.expectile) * u ** 2)
@@ -117,7 +123,8 @@ def test_update_vs_direct(case):
         adv = q_t - v_used(obs)
         y = r + a.gamma * (1 - batch["terminated"]) * v_used(nobs)
         w = torch.minimum(torch.exp(a.beta * adv), torch.tensor(a.weight_max))
-    assert (w == a.weight_max).any() and (w < a.weight_max).any(), "test setup: the weight clip is idle"
+    if a.beta >= 3 or a.weight_max < 100:
+        assert (w == a.weight_max).any() and (w < a.weight_max).any(), "test setup: the weight clip is idle"
     torch.testing.assert_close(out["adv/mean"], adv.mean(), msg=f"advantage min Q' - V, V {a.update_order} order")
     torch.testing.assert_close(out["weights/mean"], w.mean(), msg="weights min(exp(beta adv), weight_max)")
 
@@ -222,10 +229,10 @@ def test_prepare_data_clips_actions_scales_rewards_and_keeps_online_rewards_scal
     for normalize in (True, False):
         out, reward_fn, factor = iql.prepare_data(iql.Args(normalize_reward=normalize), data)
         assert factor == (scale if normalize else 1.0)
-        np.testing.assert_array_equal(out["actions"], np.clip(data["actions"], -1 + 1e-5, 1 - 1e-5),
-                                      err_msg="[IQL] clips dataset actions to +-(1 - 1e-5)")
-        np.testing.assert_allclose(out["rewards"], data["rewards"] * factor, rtol=1e-6,
-                                   err_msg="dataset rewards times the return-range factor")
+        assert np.array_equal(out["actions"], np.clip(data["actions"], -1 + 1e-5, 1 - 1e-5)), \
+            "[IQL] clips dataset actions to +-(1 - 1e-5)"
+        assert np.allclose(out["rewards"], data["rewards"] * factor, rtol=1e-6, atol=0), \
+            "dataset rewards times the return-range factor"
         assert out["rewards"].dtype == np.float32 and out["rewards"].shape == (n, 1)
         online = reward_fn(np.float64(0.75))
         assert np.ndim(online) == 0 and online == pytest.approx(0.75 * factor), \
