@@ -73,8 +73,9 @@ def test_online_losses_and_gradients(target_q, reduction):
     losses written out: PVU target per member (or min), TD loss over members, actor loss with min over the online
     critics, fixed alpha 0.2 and log_std clamped to [-20, 2]; time-outs bootstrap."""
     agent = diverse_agent()
+    # sigma > c, so that the clip of the PVU noise changes most rows (the defaults are pinned further down)
     args = so2.Args(utd_ratio=1, actor_updates_per_step=1, online_lr=0.0, target_q=target_q,
-                    critic_reduction=reduction)
+                    critic_reduction=reduction, target_noise=0.5, target_noise_clip=0.4)
     so2.switch_to_online(agent, args)
     ref = copy.deepcopy(agent)
     update, _ = so2.make_online_update(agent, args)
@@ -87,7 +88,7 @@ def test_online_losses_and_gradients(target_q, reduction):
     eps_next, noise, eps_pi = torch.randn(B, ACT), torch.randn(B, ACT), torch.randn(B, ACT)
     with torch.no_grad():
         a_next, logp_next = policy_sample(ref.actor, b["next_observations"], eps_next, ONLINE_LOG_STD)
-        a_next = (a_next + (0.3 * noise).clamp(-0.6, 0.6)).clamp(-1.0, 1.0)  # PVU: sigma 0.3, c 0.6
+        a_next = (a_next + (0.5 * noise).clamp(-0.4, 0.4)).clamp(-1.0, 1.0)  # PVU after the tanh
         q_next = all_q(ref.critic_target, b["next_observations"], a_next)
         if target_q == "min":
             q_next = q_next.min(0).values
