@@ -71,9 +71,9 @@ def direct_losses(agent, batch, calibrated, cql_alpha, gamma, k, temp, lo, hi, n
     new_action, log_pi = agent.actor(obs)
     alpha = agent.log_alpha.exp()
     alpha_loss = -sum(agent.log_alpha * (float(log_pi[s].detach()) - ACT) for s in range(b)) / b  # H_target = -|A|
-    actor_loss = sum(float(alpha.detach()) * log_pi[s] - torch.minimum(q(agent.critic, 0, obs[s], new_action[s]),
-                                                                 q(agent.critic, 1, obs[s], new_action[s]))
-                     for s in range(b)) / b
+    q_new = [torch.minimum(q(agent.critic, 0, obs[s], new_action[s]), q(agent.critic, 1, obs[s], new_action[s]))
+             for s in range(b)]  # min(Q1, Q2) of the online critics
+    actor_loss = sum(float(alpha.detach()) * log_pi[s] - q_new[s] for s in range(b)) / b
     with torch.no_grad():
         if n_max:
             next_action, next_log_pi = agent.actor(nxt.unsqueeze(1).expand(-1, n_max, -1))
@@ -165,12 +165,13 @@ def check_update(overrides: dict, phase: str, clip_hi: float | None = None) -> N
     got = {"actor": [p.grad for p in agent.actor.parameters()], "critic": [p.grad for p in agent.critic.parameters()],
            "log_alpha": [agent.log_alpha.grad]}
     names = {"actor": [n for n, _ in agent.actor.named_parameters()],
-             "critic": [n for n, _ in agent.critic.named_parameters()], "log_alpha": ["log_alpha"]}
+             "critic": [n for n, _ in agent.critic.named_parameters()], "log_alpha": [""]}
     for part in grads:
         for name, g, want in zip(names[part], got[part], grads[part]):
-            assert g is not None, f"{part}.{name} received no gradient"
+            where = f"{part}.{name}".rstrip(".")
+            assert g is not None, f"{where} received no gradient"
             torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-6,
-                                       msg=f"gradient of {part}.{name} differs from its own loss's gradient")
+                                       msg=f"gradient of {where} differs from the gradient of its own loss alone")
 
     # One Adam step each (first step: lr * g / (|g| + eps)) with its own learning rate, then Polyak on the new critics
     lrs = {"actor": args.policy_lr, "critic": args.qf_lr, "log_alpha": args.policy_lr}
@@ -181,7 +182,7 @@ def check_update(overrides: dict, phase: str, clip_hi: float | None = None) -> N
         for name, p0, p1 in zip(names[part], old, new):
             step = -lrs[part] * p1.grad / (p1.grad.abs() + 1e-8)
             torch.testing.assert_close(p1.detach() - p0.detach(), step, rtol=1e-3, atol=1e-8,
-                                       msg=f"{part}.{name}: not one Adam step at lr {lrs[part]}")
+                                       msg=f"{part}.{name}".rstrip(".") + f": not one Adam step at lr {lrs[part]}")
     for (name, t0), t1, c1 in zip(before.critic_target.named_parameters(), agent.critic_target.parameters(),
                                   agent.critic.parameters()):
         torch.testing.assert_close(t1, t0 + args.tau * (c1 - t0), rtol=1e-5, atol=1e-7,
