@@ -1,0 +1,452 @@
+"""Run the benchmark grid {algorithm} x {task} x {seed}, locally or on SLURM, resuming whatever was started before.
+
+    benchmark/run_all.sh --preset smoke                        # seconds per run, on tiny rebuilt data (CI)
+    benchmark/run_all.sh --preset cpu --jobs 2                 # reduced budgets, about 10 core-hours on a 2-core CPU
+    benchmark/run_all.sh --preset paper --slurm --jobs 32      # the protocol, as a SLURM job array
+    benchmark/run_all.sh --preset cpu --algos so2 edac --tasks hopper-medium --seeds 0 1
+
+Jobs. Each offline-to-online method needs an offline pretraining; runs that can share one do: a `pretrain` job runs
+the pretraining file with `--online-steps 0` and keeps its `offline.pt`, and every `finetune` job starts from it with
+`--offline-checkpoint` (SO2 and EDAC fine-tune from one EDAC pretraining: so2.py's offline phase is EDAC with EDAC's
+settings; EDAC's Adam states then start fresh, since so2.py's offline.pt holds none). SAC from scratch, the online
+baseline, runs once per environment and seed (`online` jobs) and serves every task of that environment. Only the
+algorithm files that exist take part.
+
+Where things go: `<runs-dir>/<preset>/<kind>/<algo>/<task or env>/seed<k>/` holds the algorithm's own run directory
+(`<algo>__<task>__<seed>__<time>/`, made by the file), `log.txt` (every attempt's output, appended) and `status.json`
+(written by this runner when the file exits). A job whose status says `done` is skipped; any other job is started
+again, with the file's own `--resume` when its run directory has a checkpoint, so a killed run continues where its
+last checkpoint left it and a failed one is retried. `benchmark/report.py` reads only the run directories.
+
+Locally at most `--jobs` runs go at once, one torch thread each; a progress line says how many are done, running,
+failed and pending, and about how long is left. `--slurm` submits one `sbatch --array` per stage (pretraining and SAC
+first, then fine-tuning with `--dependency=afterok` on the pretraining array), `%` limiting the array to `--jobs` at
+once; each array task runs `run_all.py --run-one MANIFEST INDEX`, the same code the local runner uses, and logs to
+`<runs-dir>/<preset>/slurm/<stage>-<array job>_<task>.log`. `--wait` waits for the arrays and prints the summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ALGORITHMS = ROOT / "algorithms"  # --algorithms-dir: the tests point it at stand-ins
+# Fine-tuning method -> the file whose offline phase it starts from.
+PRETRAINED_BY = {"so2": "so2", "edac": "so2", "cql_ft": "cql_ft", "cal_ql": "cal_ql", "td3bc_ft": "td3bc_ft",
+                 "awac": "awac", "iql_ft": "iql_ft", "off2on": "off2on", "aca": "aca"}
+ONLINE_ONLY = ("sac",)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Budgets of one grid. `flags` are passed to every run of a file, `common` to every run; what they reduce
+    relative to the protocol is said in `reduces`, which the report repeats next to every number."""
+    name: str
+    tasks: tuple[str, ...]
+    seeds: tuple[int, ...]
+    data: str
+    reduces: str
+    common: tuple[str, ...] = ()
+    flags: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    build_data: tuple[str, ...] = ()  # make_datasets.py flags for a private Minari root (smoke only)
+
+
+_SMALL_EVAL = ("--eval-episodes", "1", "--q-diag-extend-steps", "5")
+PRESETS = {
+    "smoke": Preset(
+        name="smoke", tasks=("hopper-random",), seeds=(0,), data="rebuilt",
+        reduces="everything: a 2,000-step uniform-random hopper dataset built for the run, 20 offline gradient steps, "
+                "200 online env steps, width-16 networks, N = 2 critics, batches of 16, 1 evaluation episode",
+        common=("--offline-steps", "20", "--online-steps", "200", "--offline-eval-every", "10", "--eval-every",
+                "100", *_SMALL_EVAL, "--checkpoint-every", "50", "--log-every", "50", "--hidden-dim", "16"),
+        flags={"so2": ("--n-critics", "2", "--batch-size", "16", "--online-batch-size", "32", "--warmup-steps", "50",
+                       "--utd-ratio", "2"),
+               "edac": ("--n-critics", "2", "--batch-size", "16"),
+               "cql_ft": ("--batch-size", "16", "--cql-n-actions", "2"),
+               "cal_ql": ("--batch-size", "16", "--cql-n-actions", "2"),
+               "td3bc_ft": ("--batch-size", "16"),
+               "awac": ("--batch-size", "16", "--offline-batch-size", "16", "--warmup-steps", "50"),
+               "iql_ft": ("--batch-size", "16"),
+               "sac": ("--batch-size", "16", "--learning-starts", "50")},
+        build_data=("--steps", "2000")),
+    "paper": Preset(
+        name="paper", seeds=(0, 1, 2, 3), data="d4rl",
+        tasks=tuple(f"{f}-{d}" for f in ("halfcheetah", "hopper", "walker2d")
+                    for d in ("random", "medium", "medium-replay", "medium-expert")) + ("pen-human", "door-human"),
+        reduces="nothing: the protocol (the SO2 paper's budgets; each file's per-dataset defaults)"),
+}
+
+
+@dataclass
+class Job:
+    kind: str  # pretrain, finetune or online
+    algo: str  # the algorithm file that runs, without .py
+    task: str  # task id (online jobs: the first task of the environment)
+    seed: int
+    flags: list[str]  # every flag but --output-dir / --offline-checkpoint / --resume
+    dir: str  # the job's folder, relative to the preset's folder
+    needs: str | None = None  # the pretraining job's folder whose offline.pt a fine-tuning job starts from
+
+    @property
+    def label(self) -> str:
+        return f"({self.algo}{' pretraining' if self.kind == 'pretrain' else ''}, {self.task}, seed {self.seed})"
+
+
+def available_algos() -> list[str]:
+    return [a for a in (*PRETRAINED_BY, *ONLINE_ONLY) if (ALGORITHMS / f"{a}.py").is_file()]
+
+
+def make_jobs(preset: Preset, algos: list[str], tasks: tuple[str, ...], seeds: tuple[int, ...]) -> list[Job]:
+    """Pretraining jobs first (one per file, task and seed that a chosen fine-tuning method needs), then
+    fine-tuning, then SAC once per environment and seed."""
+    jobs: list[Job] = []
+    base = ["--data", preset.data, "--threads", "1", *preset.common]
+    finetuners = [a for a in algos if a in PRETRAINED_BY]
+    for seed in seeds:
+        for task in tasks:
+            for pre in dict.fromkeys(PRETRAINED_BY[a] for a in finetuners):
+                jobs.append(Job("pretrain", pre, task, seed, [*base, "--env-id", task, "--seed", str(seed),
+                                *preset.flags.get(pre, ()), "--online-steps", "0"],
+                                f"pretrain/{pre}/{task}/seed{seed}"))
+            for algo in finetuners:
+                jobs.append(Job("finetune", algo, task, seed, [*base, "--env-id", task, "--seed", str(seed),
+                                *preset.flags.get(algo, ())], f"finetune/{algo}/{task}/seed{seed}",
+                                needs=f"pretrain/{PRETRAINED_BY[algo]}/{task}/seed{seed}"))
+        for algo in (a for a in algos if a in ONLINE_ONLY):
+            for env, task in {t.split("-")[0]: t for t in reversed(tasks)}.items():
+                flags = drop_flags(base, ("--offline-steps", "--offline-eval-every"))  # sac.py has no offline phase
+                jobs.append(Job("online", algo, task, seed, [*flags, "--env-id", task, "--seed", str(seed),
+                                *preset.flags.get(algo, ())], f"online/{algo}/{env}/seed{seed}"))
+    return jobs
+
+
+def drop_flags(flags: list[str], names: tuple[str, ...]) -> list[str]:
+    """`flags` without the named flags and their values (for files that lack them)."""
+    out, skip = [], False
+    for f in flags:
+        if skip:
+            skip = False
+        elif f in names:
+            skip = True
+        else:
+            out.append(f)
+    return out
+
+
+# ---- one job: status, resume, run
+def status(job_dir: Path) -> dict:
+    path = job_dir / "status.json"
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def run_dirs(job_dir: Path) -> list[Path]:
+    """The algorithm's run directories in a job folder, oldest first."""
+    return sorted((p for p in job_dir.glob("*__*__*__*") if p.is_dir()), key=lambda p: p.name.rsplit("__", 1)[-1])
+
+
+def resumable(job_dir: Path) -> Path | None:
+    """The newest run directory with a checkpoint to continue from (a run killed before its first checkpoint has
+    none and starts again in a new directory; the old one is left as it is)."""
+    return next((p for p in reversed(run_dirs(job_dir)) if (p / "checkpoint.pt").is_file()), None)
+
+
+def command(job: Job, job_dir: Path, preset_dir: Path) -> list[str]:
+    script = [sys.executable, str(ALGORITHMS / f"{job.algo}.py")]
+    previous = resumable(job_dir)
+    if previous is not None:
+        return [*script, "--resume", str(previous)]
+    extra = []
+    if job.needs:
+        offline = [p / "offline.pt" for p in run_dirs(preset_dir / job.needs) if (p / "offline.pt").is_file()]
+        if not offline:
+            raise RuntimeError(f"{job.needs} has no offline.pt")
+        extra = ["--offline-checkpoint", str(offline[-1])]
+    return [*script, *job.flags, *extra, "--output-dir", str(job_dir)]
+
+
+def start(job: Job, preset_dir: Path, env: dict[str, str]) -> tuple[subprocess.Popen, object]:
+    job_dir = preset_dir / job.dir
+    job_dir.mkdir(parents=True, exist_ok=True)
+    cmd = command(job, job_dir, preset_dir)
+    log = open(job_dir / "log.txt", "a")
+    log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
+    log.flush()
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,
+                            env={**env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    return proc, log
+
+
+def finish(job: Job, preset_dir: Path, rc: int, seconds: float) -> None:
+    job_dir = preset_dir / job.dir
+    previous = status(job_dir)
+    record = {"state": "done" if rc == 0 else "failed", "exit_code": rc, "label": job.label, "kind": job.kind,
+              "algo": job.algo, "task": job.task, "seed": job.seed,
+              "run_dir": str(run_dirs(job_dir)[-1].name) if run_dirs(job_dir) else None,
+              "attempts": previous.get("attempts", 0) + 1,
+              "wall_s": round(previous.get("wall_s", 0.0) + seconds, 1), "finished": time.time()}
+    tmp = job_dir / "status.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, job_dir / "status.json")
+
+
+def tail(path: Path, n: int = 15) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join("    " + line[-300:] for line in lines[-n:])
+
+
+def run_one(job: Job, preset_dir: Path) -> int:
+    """Run one job in the foreground (a SLURM array task)."""
+    t0 = time.time()
+    proc, log = start(job, preset_dir, dict(os.environ))
+    rc = proc.wait()
+    log.close()
+    finish(job, preset_dir, rc, time.time() - t0)
+    return rc
+
+
+# ---- many jobs, locally
+def eta(seconds_done: list[float], left: int, jobs: int) -> str:
+    if not seconds_done or not left:
+        return "unknown" if left else "0 min"
+    minutes = sum(seconds_done) / len(seconds_done) * left / max(jobs, 1) / 60
+    return f"{minutes:.0f} min" if minutes < 120 else f"{minutes / 60:.1f} h"
+
+
+def run_local(jobs: list[Job], preset_dir: Path, n_parallel: int) -> list[Job]:
+    """Run every job that is not done, at most `n_parallel` at once; returns the jobs that failed or could not
+    start because their pretraining failed."""
+    todo = [j for j in jobs if status(preset_dir / j.dir).get("state") != "done"]
+    done_before = len(jobs) - len(todo)
+    running: dict[str, tuple[Job, subprocess.Popen, object, float]] = {}
+    failed, blocked, seconds = [], [], []
+    env = dict(os.environ)
+    stop = {"signal": None}
+
+    def on_signal(signum, _frame):
+        stop["signal"] = signum
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    last_line = ""
+
+    def progress(force: bool = False) -> None:
+        nonlocal last_line
+        n_done = done_before + len(seconds)
+        line = (f"[run_all] {n_done}/{len(jobs)} done, {len(running)} running, {len(failed)} failed, "
+                f"{len(blocked)} blocked, {len(todo)} pending; about {eta(seconds, len(todo) + len(running), n_parallel)}"
+                f" left")
+        if force or line != last_line:
+            print(line, flush=True)
+            last_line = line
+
+    try:
+        last_print = time.time()
+        while (todo or running) and stop["signal"] is None:
+            for job in list(todo):
+                if len(running) >= n_parallel:
+                    break
+                if job.needs and job.needs in {j.dir for j in failed + blocked}:
+                    todo.remove(job)
+                    blocked.append(job)
+                    print(f"[run_all] {job.label} not started: its pretraining failed", flush=True)
+                    continue
+                if job.needs and status(preset_dir / job.needs).get("state") != "done":
+                    continue
+                todo.remove(job)
+                proc, log = start(job, preset_dir, env)
+                running[job.dir] = (job, proc, log, time.time())
+            for key, (job, proc, log, t0) in list(running.items()):
+                rc = proc.poll()
+                if rc is None:
+                    continue
+                log.close()
+                del running[key]
+                finish(job, preset_dir, rc, time.time() - t0)
+                if rc == 0:
+                    seconds.append(time.time() - t0)
+                else:
+                    failed.append(job)
+                    print(f"[run_all] {job.label} FAILED (exit {rc}); last lines of {preset_dir / job.dir / 'log.txt'}:"
+                          f"\n{tail(preset_dir / job.dir / 'log.txt')}", flush=True)
+            if not running and todo and all(j.needs and status(preset_dir / j.needs).get("state") != "done"
+                                            and j.needs not in {k.dir for k in failed + blocked} for j in todo):
+                raise RuntimeError("jobs wait for pretraining that is not in this grid")
+            progress(force=time.time() - last_print > 60)
+            if time.time() - last_print > 60:
+                last_print = time.time()
+            time.sleep(0.2)
+    finally:
+        for job, proc, log, _ in running.values():  # killed runs continue from their checkpoints next time
+            proc.terminate()
+        for job, proc, log, _ in running.values():
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            log.close()
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    if stop["signal"] is not None:
+        print(f"[run_all] stopped by signal {stop['signal']}; started runs resume from their checkpoints on the next "
+              f"start", flush=True)
+        raise SystemExit(128 + stop["signal"])
+    progress()
+    return failed + blocked
+
+
+# ---- many jobs, on SLURM
+def write_manifest(path: Path, jobs: list[Job], preset_dir: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"preset_dir": str(preset_dir), "jobs": [dataclasses.asdict(j) for j in jobs]},
+                               indent=1) + "\n")
+
+
+def submit(stage: str, jobs: list[Job], preset_dir: Path, n_parallel: int, after: str | None,
+           sbatch_args: list[str]) -> str:
+    """One array job for `jobs`; returns its SLURM job id."""
+    slurm_dir = preset_dir / "slurm"
+    manifest = slurm_dir / f"{stage}.json"
+    write_manifest(manifest, jobs, preset_dir)
+    script = slurm_dir / f"{stage}.sbatch"
+    script.write_text("\n".join([
+        "#!/bin/bash",
+        f"#SBATCH --job-name=o2o-{preset_dir.name}-{stage}",
+        f"#SBATCH --array=0-{len(jobs) - 1}%{n_parallel}",
+        "#SBATCH --cpus-per-task=1",
+        f"#SBATCH --output={slurm_dir}/{stage}-%A_%a.log",
+        f"cd {shlex.quote(str(ROOT))}",
+        f"exec {shlex.quote(sys.executable)} benchmark/run_all.py --algorithms-dir {shlex.quote(str(ALGORITHMS))} "
+        f"--run-one {shlex.quote(str(manifest))} \"$SLURM_ARRAY_TASK_ID\"", ""]))
+    cmd = ["sbatch", "--parsable", *(["--dependency", f"afterok:{after}"] if after else []), *sbatch_args, str(script)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"error: {shlex.join(cmd)} failed: {out.stderr.strip()}")
+    job_id = out.stdout.strip().split(";")[0]
+    print(f"[run_all] submitted {len(jobs)} {stage} runs as SLURM array {job_id}"
+          + (f" (after {after} succeeds)" if after else ""), flush=True)
+    return job_id
+
+
+def run_slurm(jobs: list[Job], preset_dir: Path, n_parallel: int, wait: bool, sbatch_args: list[str]) -> list[Job]:
+    if shutil.which("sbatch") is None:
+        raise SystemExit("error: --slurm needs sbatch on PATH (run on a SLURM login node, or drop --slurm)")
+    todo = [j for j in jobs if status(preset_dir / j.dir).get("state") != "done"]
+    first = [j for j in todo if j.kind != "finetune"]
+    second = [j for j in todo if j.kind == "finetune"]
+    ids = []
+    first_id = submit("pretrain", first, preset_dir, n_parallel, None, sbatch_args) if first else None
+    ids += [first_id] if first_id else []
+    if second:
+        waits_for_first = first_id if any(j.needs in {f.dir for f in first} for j in second) else None
+        ids.append(submit("finetune", second, preset_dir, n_parallel, waits_for_first, sbatch_args))
+    if not ids:
+        print("[run_all] nothing to run: every job is done", flush=True)
+    if not wait or not ids:
+        return []
+    while True:
+        out = subprocess.run(["squeue", "-h", "-j", ",".join(ids), "-o", "%i %T %r"], capture_output=True, text=True)
+        lines = [ln for ln in out.stdout.splitlines() if ln.strip()]
+        if not lines or all("DependencyNeverSatisfied" in ln for ln in lines):
+            break
+        time.sleep(2)
+    for job_id in ids:  # a fine-tuning array whose pretraining failed never starts: take it off the queue
+        subprocess.run(["scancel", job_id], capture_output=True)
+    failed = [j for j in todo if status(preset_dir / j.dir).get("state") != "done"]
+    for job in failed:
+        print(f"[run_all] {job.label} did not finish; last lines of {preset_dir / job.dir / 'log.txt'}:\n"
+              f"{tail(preset_dir / job.dir / 'log.txt')}", flush=True)
+    return failed
+
+
+# ---- the smoke preset's private data
+def build_data(preset: Preset, preset_dir: Path, tasks: tuple[str, ...]) -> dict[str, str]:
+    """The smoke preset builds tiny datasets in its own Minari root, so that it needs nothing but the checkout."""
+    if not preset.build_data:
+        return {}
+    root = preset_dir / "minari"
+    env = {**os.environ, "MINARI_DATASETS_PATH": str(root)}
+    for task in tasks:
+        cmd = [sys.executable, str(ROOT / "benchmark" / "make_datasets.py"), "--env-id", task, *preset.build_data,
+               "--report-path", str(preset_dir / "datasets.md")]
+        out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise SystemExit(f"error: could not build the {preset.name} preset's {task} data:\n{out.stdout[-2000:]}"
+                             f"{out.stderr[-2000:]}")
+    return {"MINARI_DATASETS_PATH": str(root)}
+
+
+# ---- command line
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="smoke", help="budgets of the grid")
+    parser.add_argument("--algos", nargs="+", help="algorithm files (default: every one there is)")
+    parser.add_argument("--tasks", nargs="+", help="task ids (default: the preset's)")
+    parser.add_argument("--seeds", nargs="+", type=int, help="seeds (default: the preset's)")
+    parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2)), help="runs at once")
+    parser.add_argument("--runs-dir", default="runs/benchmark", help="where <preset>/ goes")
+    parser.add_argument("--slurm", action="store_true", help="submit SLURM job arrays instead of running here")
+    parser.add_argument("--wait", action="store_true", help="with --slurm: wait for the arrays and report failures")
+    parser.add_argument("--sbatch-args", default="", help="extra sbatch flags, e.g. '--partition gpu --time 24:00:00'")
+    parser.add_argument("--list", action="store_true", help="print the jobs and their state, run nothing")
+    parser.add_argument("--algorithms-dir", default=str(ALGORITHMS), help="folder of the algorithm files")
+    parser.add_argument("--run-one", nargs=2, metavar=("MANIFEST", "INDEX"), help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    global ALGORITHMS
+    args = parse(argv)
+    ALGORITHMS = Path(args.algorithms_dir).resolve()
+    if args.run_one:
+        manifest = json.loads(Path(args.run_one[0]).read_text())
+        job = Job(**manifest["jobs"][int(args.run_one[1])])
+        return run_one(job, Path(manifest["preset_dir"]))
+    preset = PRESETS[args.preset]
+    known = available_algos()
+    algos = args.algos or known
+    unknown = [a for a in algos if a not in known]
+    if unknown:
+        raise SystemExit(f"error: no algorithm file for {unknown}; choose from {known}")
+    tasks, seeds = tuple(args.tasks or preset.tasks), tuple(args.seeds if args.seeds is not None else preset.seeds)
+    preset_dir = (Path(args.runs_dir) / preset.name).resolve()
+    preset_dir.mkdir(parents=True, exist_ok=True)
+    jobs = make_jobs(preset, algos, tasks, seeds)
+    if args.list:
+        for job in jobs:
+            print(f"{status(preset_dir / job.dir).get('state', 'pending'):8s} {job.dir}")
+        return 0
+    os.environ.update(build_data(preset, preset_dir, tasks))
+    (preset_dir / "preset.json").write_text(json.dumps({**dataclasses.asdict(preset), "algos": algos, "tasks": tasks,
+                                                        "seeds": seeds}, indent=1) + "\n")
+    print(f"[run_all] preset {preset.name}: {len(jobs)} runs ({', '.join(algos)} x {len(tasks)} tasks x {len(seeds)} "
+          f"seeds) in {preset_dir}; reduced: {preset.reduces}", flush=True)
+    if args.slurm:
+        failed = run_slurm(jobs, preset_dir, args.jobs, args.wait, shlex.split(args.sbatch_args))
+    else:
+        failed = run_local(jobs, preset_dir, args.jobs)
+    if failed:
+        print(f"[run_all] {len(failed)} runs did not finish: " + "; ".join(j.label for j in failed)
+              + ". Start the same command again to retry them (finished runs are skipped).", flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""benchmark/run_all.py: the grid, shared pretraining, skipping finished runs, resuming killed ones, reporting and
+retrying failed ones -- on stand-in algorithm files that take seconds -- then the smoke preset on the real files,
+locally and through SLURM where `sbatch` exists."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("bench_run_all", ROOT / "benchmark" / "run_all.py")
+run_all = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = run_all
+spec.loader.exec_module(run_all)
+
+# A stand-in for an algorithm file: the protocol's command line, a run directory with config.json, eval.jsonl,
+# checkpoint.pt (JSON here) written at every one of 10 steps, offline.pt after a pretraining, --resume and
+# --offline-checkpoint. FAKE_FAIL=<algo>:<kind> makes that run fail; FAKE_HANG=<algo> stops it after 3 steps.
+FAKE = r'''
+import argparse, json, os, sys, time
+from pathlib import Path
+p = argparse.ArgumentParser()
+for flag in ("--env-id", "--output-dir", "--resume", "--offline-checkpoint", "--data"):
+    p.add_argument(flag)
+p.add_argument("--seed", type=int, default=0)
+p.add_argument("--online-steps", type=int, default=100)
+args, _ = p.parse_known_args()
+name = Path(__file__).stem
+if args.resume:
+    run = Path(args.resume)
+    config = json.loads((run / "config.json").read_text())
+    state = json.loads((run / "checkpoint.pt").read_text())
+else:
+    run = Path(args.output_dir) / f"{name}__{args.env_id}__{args.seed}__{time.time_ns()}"
+    run.mkdir(parents=True)
+    config = {"algo": name, "args": vars(args), "argv": sys.argv[1:]}
+    (run / "config.json").write_text(json.dumps(config))
+    state = {"step": 0}
+kind = "pretrain" if config["args"]["online_steps"] == 0 else "finetune"
+if os.environ.get("FAKE_FAIL") == f"{name}:{kind}":
+    sys.exit(f"error: {name} {kind} failed on purpose")
+if config["args"]["offline_checkpoint"] and not Path(config["args"]["offline_checkpoint"]).is_file():
+    sys.exit("error: no offline.pt")
+for step in range(state["step"], 10):
+    if os.environ.get("FAKE_HANG") == name and step == 3:
+        print("hanging", flush=True)
+        time.sleep(600)
+    (run / "checkpoint.pt").write_text(json.dumps({"step": step + 1}))
+    with open(run / "eval.jsonl", "a") as f:
+        f.write(json.dumps({"phase": "online", "env_step": step + 1}) + "\n")
+if kind == "pretrain":
+    (run / "offline.pt").write_text("{}")
+print(f"{name} finished", flush=True)
+'''
+
+
+@pytest.fixture
+def fakes(tmp_path):
+    folder = tmp_path / "algorithms"
+    folder.mkdir()
+    for algo in ("so2", "edac", "td3bc_ft", "sac"):
+        (folder / f"{algo}.py").write_text(FAKE)
+    return folder
+
+
+@pytest.fixture
+def no_data_build(monkeypatch):
+    monkeypatch.setitem(run_all.PRESETS, "smoke", dataclasses.replace(run_all.PRESETS["smoke"], build_data=()))
+
+
+def grid(fakes, tmp_path, *extra):
+    return ["--preset", "smoke", "--algorithms-dir", str(fakes), "--runs-dir", str(tmp_path / "runs"), "--jobs", "2",
+            *extra]
+
+
+def states(tmp_path):
+    return {str(p.parent.relative_to(tmp_path / "runs" / "smoke")): json.loads(p.read_text())["state"]
+            for p in (tmp_path / "runs" / "smoke").rglob("status.json")}
+
+
+def commands(job_dir: Path) -> list[str]:
+    return [line for line in (job_dir / "log.txt").read_text().splitlines() if line.startswith("==== ")]
+
+
+def test_grid_shares_one_pretraining_per_file_task_and_seed():
+    preset = run_all.PRESETS["smoke"]
+    jobs = run_all.make_jobs(preset, ["so2", "edac", "cql_ft", "cal_ql", "sac"], ("hopper-random", "hopper-medium"),
+                             (0, 1))
+    by_kind = {k: [j for j in jobs if j.kind == k] for k in ("pretrain", "finetune", "online")}
+    assert len(by_kind["pretrain"]) == 3 * 2 * 2  # so2 (serves edac too), cql_ft, cal_ql
+    assert len(by_kind["finetune"]) == 4 * 2 * 2
+    assert len(by_kind["online"]) == 1 * 2  # SAC: one environment (hopper), two seeds
+    edac = next(j for j in by_kind["finetune"] if j.algo == "edac" and j.seed == 1 and j.task == "hopper-medium")
+    assert edac.needs == "pretrain/so2/hopper-medium/seed1"
+    assert all(j.needs in {p.dir for p in by_kind["pretrain"]} for j in by_kind["finetune"])
+    pre = next(j for j in by_kind["pretrain"] if j.algo == "so2")
+    assert pre.flags[-2:] == ["--online-steps", "0"] and "--threads" in pre.flags
+    assert "--offline-steps" not in by_kind["online"][0].flags  # sac.py has no offline phase
+
+
+def test_local_grid_runs_then_skips_finished_runs(fakes, tmp_path, no_data_build, capsys):
+    assert run_all.main(grid(fakes, tmp_path)) == 0
+    assert set(states(tmp_path).values()) == {"done"} and len(states(tmp_path)) == 2 + 3 + 1
+    job = tmp_path / "runs/smoke/finetune/edac/hopper-random/seed0"
+    config = json.loads(next(job.glob("edac__*/config.json")).read_text())
+    assert "/pretrain/so2/hopper-random/seed0/so2__" in config["args"]["offline_checkpoint"]
+    assert "[run_all] 6/6 done, 0 running, 0 failed" in capsys.readouterr().out
+    logs = {p: p.read_text() for p in (tmp_path / "runs").rglob("log.txt")}
+    assert run_all.main(grid(fakes, tmp_path)) == 0
+    assert {p: p.read_text() for p in (tmp_path / "runs").rglob("log.txt")} == logs, "a finished run was started again"
+
+
+def test_failed_run_is_reported_and_retried(fakes, tmp_path, no_data_build, monkeypatch, capsys):
+    monkeypatch.setenv("FAKE_FAIL", "td3bc_ft:pretrain")
+    assert run_all.main(grid(fakes, tmp_path)) == 1
+    out = capsys.readouterr().out
+    assert "(td3bc_ft pretraining, hopper-random, seed 0) FAILED (exit 1)" in out
+    assert "error: td3bc_ft pretrain failed on purpose" in out  # the log's last lines
+    assert "(td3bc_ft, hopper-random, seed 0) not started: its pretraining failed" in out
+    s = states(tmp_path)
+    assert s["pretrain/td3bc_ft/hopper-random/seed0"] == "failed"
+    assert "finetune/td3bc_ft/hopper-random/seed0" not in s and s["finetune/so2/hopper-random/seed0"] == "done"
+    monkeypatch.delenv("FAKE_FAIL")
+    done_logs = {p: p.read_text() for p in (tmp_path / "runs").rglob("log.txt") if "td3bc_ft" not in str(p)}
+    assert run_all.main(grid(fakes, tmp_path)) == 0
+    assert set(states(tmp_path).values()) == {"done"}
+    assert {p: p.read_text() for p in done_logs} == done_logs, "only the failed and blocked runs may run again"
+    status = json.loads((tmp_path / "runs/smoke/pretrain/td3bc_ft/hopper-random/seed0/status.json").read_text())
+    assert status["attempts"] == 2
+
+
+def test_killed_runner_resumes_its_runs_from_their_checkpoints(fakes, tmp_path):
+    env = {**os.environ, "FAKE_HANG": "so2"}
+    args = [sys.executable, str(ROOT / "benchmark" / "run_all.py"), *grid(fakes, tmp_path), "--algos", "so2"]
+    runner = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    job = tmp_path / "runs/smoke/pretrain/so2/hopper-random/seed0"
+    deadline = time.time() + 120
+    while not list(job.glob("so2__*/checkpoint.pt")) and time.time() < deadline and runner.poll() is None:
+        time.sleep(0.2)
+    assert list(job.glob("so2__*/checkpoint.pt")), runner.communicate()[0] if runner.poll() is not None else ""
+    runner.send_signal(signal.SIGTERM)
+    out, _ = runner.communicate(timeout=60)
+    assert runner.returncode == 128 + signal.SIGTERM and "resume from their checkpoints" in out
+    assert not (job / "status.json").exists()
+    step = json.loads(next(job.glob("so2__*/checkpoint.pt")).read_text())["step"]
+    assert 1 <= step < 10
+    env.pop("FAKE_HANG")
+    assert subprocess.run(args, env=env, capture_output=True, text=True).returncode == 0
+    assert "--resume" in commands(job)[-1] and len(list(job.glob("so2__*"))) == 1
+    rows = (next(job.glob("so2__*")) / "eval.jsonl").read_text().splitlines()
+    assert len(rows) == 10, "the resumed run continued from its checkpoint"
+
+
+# ---------------------------------------------------------------- the real files
+def check_real_grid(preset_dir: Path, algos: list[str]) -> None:
+    for job in preset_dir.rglob("status.json"):
+        assert json.loads(job.read_text())["state"] == "done", (job, (job.parent / "log.txt").read_text()[-3000:])
+    for algo in algos:
+        kind = "online" if algo == "sac" else "finetune"
+        runs = list((preset_dir / kind / algo).rglob(f"{algo}__*/eval.jsonl"))
+        assert runs, f"no {algo} run"
+        rows = [json.loads(line) for line in runs[0].read_text().splitlines()]
+        assert rows[-1]["phase"] == "online" and rows[-1]["env_step"] == 200
+
+
+def test_smoke_preset_on_the_real_files(tmp_path):
+    algos = ["so2", "edac", "td3bc_ft", "sac"]
+    out = subprocess.run([str(ROOT / "benchmark" / "run_all.sh"), "--preset", "smoke", "--algos", *algos,
+                          "--runs-dir", str(tmp_path), "--jobs", "2"], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    check_real_grid(tmp_path / "smoke", algos)
+
+
+@pytest.mark.skipif(shutil.which("sbatch") is None, reason="SLURM is not installed here (.ci/run starts one)")
+def test_smoke_preset_through_slurm(tmp_path):
+    algos = ["td3bc_ft", "sac"]
+    out = subprocess.run([str(ROOT / "benchmark" / "run_all.sh"), "--preset", "smoke", "--algos", *algos,
+                          "--runs-dir", str(tmp_path), "--jobs", "2", "--slurm", "--wait"],
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert "as SLURM array" in out.stdout and "after" in out.stdout  # fine-tuning waited for pretraining
+    check_real_grid(tmp_path / "smoke", algos)
+    assert list((tmp_path / "smoke" / "slurm").glob("pretrain-*_0.log"))
