@@ -230,7 +230,7 @@ def run_to_switch(monkeypatch, args) -> dict:
 
     def make_update_fns(agent, a, act_dim):
         seen["fns"] = real_make(agent, a, act_dim)
-        seen["initial_log_alpha"] = float(agent.log_alpha.detach())
+        seen["initial"] = copy.deepcopy(agent)
         return seen["fns"]
 
     def train_offline(a, agent, buffer, update, optims, ctx, logger, start):
@@ -253,6 +253,24 @@ def run_to_switch(monkeypatch, args) -> dict:
     monkeypatch.setattr(cal, "evaluate", evaluate)
     seen["run_dir"] = cal.main(args)
     return seen
+
+
+def check_initial_agent(agent, data: dict[str, np.ndarray]) -> None:
+    """What main builds before the first update: log alpha 0, target critics equal to the critics, CORL's offline
+    init (zero critic biases, 1e-2 output layers), dataset observation statistics inside both networks."""
+    assert float(agent.log_alpha.detach()) == 0.0, "log alpha starts at 0 (CORL)"
+    for (name, p), t in zip(agent.critic.named_parameters(), agent.critic_target.parameters()):
+        assert torch.equal(p, t), f"critic_target.{name} must start as a copy of the critics"
+    layers = [*agent.critic.layers, agent.actor.net[-1]]  # the actor's hidden layers keep PyTorch's init
+    assert all((layer.bias == 0).all() for layer in layers), "CORL's offline init: critic and actor output biases 0"
+    assert agent.critic.layers[-1].weight.abs().max() < 0.05 and agent.actor.net[-1].weight.abs().max() < 0.05, \
+        "--init corl-offline: output layers at gain 1e-2"
+    mean, std = data["observations"].mean(0), data["observations"].std(0) + 1e-3
+    for net in (agent.actor, agent.critic):
+        assert_rows(net.obs_mean.numpy(), mean, f"{type(net).__name__} observation mean: the dataset's", rtol=1e-5,
+                    atol=1e-6)
+        assert_rows(net.obs_std.numpy(), std, f"{type(net).__name__} observation std: the dataset's + 1e-3",
+                    rtol=1e-5, atol=1e-6)
 
 
 def tiny_args(tmp: Path, data: Path, **kw):
@@ -300,7 +318,7 @@ def test_switch_to_online(tmp_path, hopper_file, monkeypatch, calibrate_online):
     n_data = len(data["rewards"])
     scale = direct_reward_scale(hopper_file)
 
-    assert seen["initial_log_alpha"] == 0.0, "log alpha starts at 0 (CORL)"
+    check_initial_agent(seen["initial"], data)
     assert off["update"] is seen["fns"][0] and on["update"] is seen["fns"][1], \
         "offline phase gets the offline update, online phase the online one (--calibrate-online)"
     assert on["agent"] is off["agent"] and on["optims"] is off["optims"], \
