@@ -332,12 +332,12 @@ def test_warm_up_is_uniform_random_without_updates(loop_run):
     assert [n for n, _ in rec["act"]] == list(range(LEARNING_STARTS, N_STEPS)), \
         "the policy must act only from env step learning_starts on (uniform-random actions before)"
     assert all(not det for _, det in rec["act"]), "SAC collects with the stochastic policy"
+    assert [n for n, _ in rec["critic"]] == list(range(LEARNING_STARTS + 1, N_STEPS + 1)), \
+        "one critic step per env step once more than learning_starts transitions are stored, none before"
     torch.manual_seed(3)
     expected = np.stack([(torch.rand(ACT_DIM) * 2 - 1).numpy() for _ in range(LEARNING_STARTS)])
     same(np.stack(env.actions[:LEARNING_STARTS]), expected,
          "warm-up actions must be uniform on [-1, 1] from torch's generator")
-    assert [n for n, _ in rec["critic"]] == list(range(LEARNING_STARTS + 1, N_STEPS + 1)), \
-        "one critic step per env step once more than learning_starts transitions are stored, none before"
 
 
 def test_batches_and_delayed_actor_steps(loop_run):

@@ -1,7 +1,8 @@
 """td3bc_ft.py: lambda and the actor loss against direct computations, the loose mode's TD3 actor loss (no BC), the
 critic step with target policy smoothing, the exploration noise of `act`, the observation statistics inside the
 networks, an end-to-end run on a tiny Hopper dataset (delayed actor steps counted), starting from offline.pt with and
-without fresh optimiser states, and a bit-exact resume."""
+without fresh optimiser states, and a bit-exact resume; in that run, the Q diagnostics' Q1, the buffer (dataset kept
+under the online data) and the observation statistics. test_td3bc_losses.py checks the pieces one by one."""
 
 from __future__ import annotations
 
@@ -319,7 +320,8 @@ def test_end_to_end(full_run):
     assert [r["env_step"] for r in online] == [0, 60, 120, 150]
     assert [r["grad_step"] for r in online] == [30, 90, 150, 180]  # one critic step per env step
     # Offline with BC, online too (original); the actor steps every policy_freq = 2 critic steps.
-    assert calls == [{"bc": True, "critic": 30, "actor": 15}, {"bc": True, "critic": 150, "actor": 75}]
+    assert calls == [{"bc": True, "critic": 30, "actor": 15}, {"bc": True, "critic": 150, "actor": 75}], \
+        f"expected BC in both phases and one actor step per policy_freq = 2 critic steps, got {calls}"
     assert list(run_dir.glob("events.out.tfevents.*"))
     offline = torch.load(run_dir / "offline.pt", weights_only=False)
     assert {"obs_mean", "obs_std"} <= set(offline["agent"]["actor"]) and set(offline["optims"]) == {
