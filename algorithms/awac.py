@@ -23,13 +23,13 @@ the default follows:
   policy) without its Q output clamp at 0 and its zeroed terminals, which serve the binary-reward hand tasks, not
   the dense-reward D4RL ones.
 - Data: [rlkit] loads its own demonstration files (`demos/icml2020`); we load D4RL, as the SO2 paper did.
-- Policy samples in V(s) and in the Bellman target: [rlkit] uses the unsquashed `rsample` as it is (default); [CORL]'s
-  `Actor.forward` clamps it to [-1, 1] before either critic sees it (`--clip-samples`, set by `--preset corl`).
+- Policy samples in V(s) and in the Bellman target: [rlkit] uses the unsquashed `rsample` as it is (default);
+  [CORL]'s `Actor.forward` clamps it to [-1, 1] before either critic sees it (`--clip-samples`).
 - `--preset corl` gives [CORL]'s exp weights (lambda 1/3 on MuJoCo, 0.1 on Adroit), 3 x 256 networks, batches of
   256, standardised observations, no policy weight decay, no warm-up, clipped policy samples and 1M offline updates.
-  It keeps [rlkit]'s init,
-  tanh mean, log_std mapped into [-6, 0] by a sigmoid, and advantages from the critics before their step; [CORL]
-  uses PyTorch's init, an unbounded mean, log_std clamped to [-20, 2], and critics after their step.
+  It keeps [rlkit]'s init, tanh mean, log_std mapped into [-6, 0] by a sigmoid, and advantages from the critics
+  before their step; [CORL] uses PyTorch's init, an unbounded mean, log_std clamped to [-20, 2], and critics after
+  their step.
 
 Data, evaluation and outputs follow o2o-rl's protocol (`--help`; README.md).
 """

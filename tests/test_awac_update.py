@@ -232,7 +232,8 @@ def test_make_buffer_holds_the_dataset_with_room_for_every_online_step():
             "next_observations": np.ones((n, OBS), np.float32), "terminated": np.zeros((n, 1), np.float32),
             "truncated": np.zeros((n, 1), np.float32)}
     buffer = awac.make_buffer(awac.Args(online_steps=17), data, torch.device("cpu"))
-    assert (buffer.capacity, buffer.size, buffer.start_ptr) == (n + 17, n, n)
+    assert (buffer.capacity, buffer.size, buffer.start_ptr) == (n + 17, n, n), \
+        "one buffer: the dataset first, with room for every online step (capacity, size, start)"
     np.testing.assert_array_equal(buffer.storage[:n, buffer.slices["observations"]].numpy(), data["observations"])
 
 
@@ -276,7 +277,8 @@ def test_dataset_defaults_and_presets_match_the_design():
     for name, table in PRESETS.items():
         assert awac.PRESETS[name].keys() == table.keys(), f"preset {name}: keys"
         for key, expected in table.items():
-            assert awac.PRESETS[name][key].keys() == expected.keys(), f"preset {name}[{key}]: fields"
+            assert awac.PRESETS[name][key].keys() == expected.keys(), \
+                f"preset {name}[{key}]: fields {sorted(awac.PRESETS[name][key].keys() ^ expected.keys())} differ"
             for k, v in expected.items():
                 assert same(awac.PRESETS[name][key][k], v), \
                     f"PRESETS[{name!r}][{key!r}][{k!r}] is {awac.PRESETS[name][key][k]!r}; design gives {v!r}"

@@ -224,7 +224,8 @@ def test_iql_end_to_end(tmp_path, hopper_file, monkeypatch):
     assert offline["optims"]["actor_schedule"]["last_epoch"] == 40
     assert float(offline["optims"]["actor_optim"]["param_groups"][0]["lr"]) < 1e-12  # decayed to 0 offline
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
-    assert float(ckpt["optims"]["actor_optim"]["param_groups"][0]["lr"]) == pytest.approx(3e-4)  # constant online
+    assert float(ckpt["optims"]["actor_optim"]["param_groups"][0]["lr"]) == pytest.approx(3e-4), \
+        "--lr-schedule iql: the actor learning rate goes back to --actor-lr online and stays there"
     assert len(stored) == len(raw_rewards) == 200 and all(np.ndim(r) == 0 for r in stored)
     assert config["reward_scale"] != 1.0
     np.testing.assert_allclose(stored, np.asarray(raw_rewards) * config["reward_scale"], rtol=1e-6,
