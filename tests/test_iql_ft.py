@@ -185,11 +185,12 @@ def test_iql_end_to_end(tmp_path, hopper_file, monkeypatch):
     default), and evaluation's Q_est is min(Q1', Q2') of the target twin."""
     probe = (torch.randn(5, 11, generator=torch.Generator().manual_seed(0)),
              torch.rand(5, 3, generator=torch.Generator().manual_seed(1)) * 2 - 1)
-    seen, raw_rewards, stored = [], [], []
+    seen, raw_rewards, stored, q_true_rewards = [], [], [], []
     real_evaluate, real_make_env, real_add = iql.evaluate, iql.make_env, iql.ReplayBuffer.add
 
     def evaluate(env, actor, q_fn, *rest):
         seen.append(q_fn(*probe).detach().clone())
+        q_true_rewards.append(rest[-1](np.array([1.0, -2.0])))  # reward_fn: how Q_true sees the env's rewards
         return real_evaluate(env, actor, q_fn, *rest)
 
     class RecordRewards(iql.gym.Wrapper):
@@ -228,6 +229,8 @@ def test_iql_end_to_end(tmp_path, hopper_file, monkeypatch):
         "--lr-schedule iql: the actor learning rate goes back to --actor-lr online and stays there"
     assert len(stored) == len(raw_rewards) == 200 and all(np.ndim(r) == 0 for r in stored)
     assert config["reward_scale"] != 1.0
+    assert q_true_rewards and all(np.allclose(r, [config["reward_scale"], -2 * config["reward_scale"]], rtol=1e-9)
+                                  for r in q_true_rewards), "Q_true must see the rewards in the critics' (scaled) units"
     np.testing.assert_allclose(stored, np.asarray(raw_rewards) * config["reward_scale"], rtol=1e-6,
                                err_msg="online rewards must be scaled like the dataset's")
     critic, target = iql.TwinQ(11, 3), iql.TwinQ(11, 3)
