@@ -101,6 +101,7 @@ def test_critic_step_value_gradient_and_target():
     with torch.no_grad():
         s2 = batch["next_observations"]
         pi_next = plain_pi(ref.actor_target, s2)
+        close(ref.actor_target(s2), pi_next, "the actor must see the standardised observation (s - mean) / std")
         eps = torch.randn(pi_next.shape) * 0.4
         assert (eps.abs() > 0.3).any() and (eps.abs() < 0.3).any()
         a_next = (pi_next + eps.clamp(-0.3, 0.3)).clamp(-1, 1)
@@ -179,6 +180,25 @@ def test_online_actor_step_per_mode(mode):
         for t, t0, s in zip(target.parameters(), target0.parameters(), source.parameters()):
             close(t, t0 + 0.01 * (s - t0), "Polyak after the actor step: target + tau (online - target)",
                   atol=1e-7, rtol=1e-6)
+
+
+# ---------------------------------------------------------------- exploration
+def test_exploration_noise_is_clipped_then_the_action():
+    """act(s, deterministic=False) = clip(pi(s) + clip(N(0, sigma^2), -0.5, 0.5), -1, 1), one draw per call."""
+    agent, _ = make_agent(seed=7)
+    actor = agent.actor
+    actor.expl_noise = 0.8  # about half the draws exceed 0.5
+    obs = np.zeros(OBS_DIM)
+    pi = plain_pi(actor, torch.zeros(1, OBS_DIM))[0].detach()
+    assert (pi.abs() < 0.4).all()  # pi +- 0.5 stays inside [-1, 1], so only the noise clip can bound the change
+    torch.manual_seed(8)
+    noisy = torch.as_tensor(np.stack([actor.act(obs, deterministic=False) for _ in range(40)]))
+    torch.manual_seed(8)
+    eps = torch.stack([torch.randn(ACT_DIM) for _ in range(40)]) * 0.8  # one draw per call, as act draws
+    assert (eps.abs() > 0.5).any() and (eps.abs() < 0.5).any()
+    close(noisy, pi + eps.clamp(-0.5, 0.5), "exploration noise: N(0, expl_noise^2) clipped to +-0.5, added to pi(s)",
+          atol=1e-6, rtol=0)
+    close(torch.as_tensor(actor.act(obs, deterministic=True)), pi, "deterministic act = pi(s)", atol=1e-6, rtol=0)
 
 
 # ---------------------------------------------------------------- the switch to online
