@@ -169,7 +169,7 @@ def test_awac_end_to_end(tmp_path, hopper_file, monkeypatch):
     assert [r["grad_step"] for r in rows if r["phase"] == "offline"] == [20, 40]
     online = [r for r in rows if r["phase"] == "online"]
     assert [r["env_step"] for r in online] == [0, 100, 200]
-    assert online[-1]["grad_step"] == 40 + 200 - 50  # one update per env step after the warm-up
+    assert online[-1]["grad_step"] == 40 + 200 - 50, "one update per env step after the warm-up"
     assert (run_dir / "offline.pt").is_file()
     # design/q_diagnostics.md: Q_est = min(Q1, Q2) of the online critics (the last evaluation sees the final ones)
     agent = torch.load(run_dir / "checkpoint.pt", weights_only=False)["agent"]

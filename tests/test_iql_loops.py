@@ -50,7 +50,8 @@ def test_offline_batches_and_cosine_schedule(tmp_path):
     assert all(len(c["obs0"]) == a.batch_size and (c["obs0"] < 0).all() for c in calls), \
         "offline batches: --batch-size rows of the dataset"
     assert optims["actor_schedule"].last_epoch == a.offline_steps, "the cosine steps once per offline update"
-    assert float(optims["actor_optim"].param_groups[0]["lr"]) < 1e-12
+    assert float(optims["actor_optim"].param_groups[0]["lr"]) < 1e-12, \
+        "the cosine reaches 0 after --offline-steps updates (T_max = offline_steps)"
 
 
 @pytest.mark.filterwarnings("ignore:Detected call of")

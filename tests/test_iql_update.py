@@ -228,7 +228,7 @@ def test_prepare_data_clips_actions_scales_rewards_and_keeps_online_rewards_scal
     scale = iql.return_range_scale(data)
     for normalize in (True, False):
         out, reward_fn, factor = iql.prepare_data(iql.Args(normalize_reward=normalize), data)
-        assert factor == (scale if normalize else 1.0)
+        assert factor == (scale if normalize else 1.0), "reward factor: 1000 / return range, or 1 without scaling"
         assert np.array_equal(out["actions"], np.clip(data["actions"], -1 + 1e-5, 1 - 1e-5)), \
             "[IQL] clips dataset actions to +-(1 - 1e-5)"
         assert np.allclose(out["rewards"], data["rewards"] * factor, rtol=1e-6, atol=0), \
@@ -268,7 +268,7 @@ def test_make_agent_networks_and_init():
         assert [tuple(m.weight.shape) for m in agent.value.net if isinstance(m, torch.nn.Linear)] == [
             (256, 11), (256, 256), (1, 256)]
         assert (agent.actor.log_std_min, agent.actor.log_std_max, agent.actor.sigmoid_log_std) == (-5.0, 2.0, False)
-        assert agent.actor.dropout == a.actor_dropout, argv
+        assert agent.actor.dropout == a.actor_dropout, f"actor dropout is not --actor-dropout ({argv})"
         for k, v in agent.critic.state_dict().items():
             torch.testing.assert_close(agent.critic_target.state_dict()[k], v, msg=f"target starts as a copy: {k}")
         for net in vars(agent).values():
@@ -278,7 +278,8 @@ def test_make_agent_networks_and_init():
                 if isinstance(m, (torch.nn.Linear, iql.VectorizedLinear)):
                     for w in m.weight.detach().view(-1, *m.weight.shape[-2:]):
                         small = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
-                        torch.testing.assert_close(small, 2 * torch.eye(len(small)), atol=1e-4, rtol=0)
+                        torch.testing.assert_close(small, 2 * torch.eye(len(small)), atol=1e-4, rtol=0,
+                                                   msg="[IQL] init: orthogonal weights with gain sqrt(2)")
                     assert not m.bias.any()
 
 
