@@ -248,9 +248,9 @@ def run_local(jobs: list[Job], preset_dir: Path, n_parallel: int) -> list[Job]:
     def progress(force: bool = False) -> None:
         nonlocal last_line
         n_done = done_before + len(seconds)
+        left = eta(seconds, len(todo) + len(running), n_parallel)
         line = (f"[run_all] {n_done}/{len(jobs)} done, {len(running)} running, {len(failed)} failed, "
-                f"{len(blocked)} blocked, {len(todo)} pending; about {eta(seconds, len(todo) + len(running), n_parallel)}"
-                f" left")
+                f"{len(blocked)} blocked, {len(todo)} pending; about {left} left")
         if force or line != last_line:
             print(line, flush=True)
             last_line = line

@@ -1,0 +1,129 @@
+"""benchmark/report.py on hand-made run directories whose numbers are known: means and stds per cell, a missing and
+a partial run shown as missing, averages only over complete methods, rliable's IQM as rliable computes it, the Q
+difference relative to SAC, the figures, the sources, and a hand-written reading kept across rewrites."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("bench_report", ROOT / "benchmark" / "report.py")
+report = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = report
+spec.loader.exec_module(report)
+
+TASKS, SEEDS, STEPS = ("hopper-medium", "halfcheetah-random"), (0, 1, 2), 100
+
+
+def offline(algo, task, seed):
+    return 10.0 * (algo == "so2") + 3.0 * seed + (5.0 if task == "hopper-medium" else 0.0)
+
+
+def final(algo, task, seed):
+    return {"so2": 60.0, "edac": 40.0, "sac": 30.0}[algo] + 7.0 * seed + (task == "hopper-medium") * 2.0
+
+
+def write_run(root: Path, algo: str, task: str, seed: int, last_step: int = STEPS, online_steps: int = STEPS,
+              q_diff: float = 0.5):
+    run = root / f"{algo}__{task}__{seed}__{1000 + seed}"
+    run.mkdir(parents=True)
+    run.joinpath("config.json").write_text(json.dumps({"algo": algo, "device_name": "test CPU", "args": {
+        "env_id": task, "seed": seed, "online_steps": online_steps}}))
+    rows = [{"phase": "offline", "env_step": 0, "grad_step": 10, "normalized_score": -99.0}]
+    for step in range(0, last_step + 1, 50):
+        w = step / STEPS
+        rows.append({"phase": "online", "env_step": step, "grad_step": 10 + step,
+                     "normalized_score": (1 - w) * offline(algo, task, seed) + w * final(algo, task, seed),
+                     "q_normalized_difference": q_diff + 0.1 * seed, "q_kendall_tau": 0.2 + 0.1 * seed})
+    run.joinpath("eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run
+
+
+@pytest.fixture
+def grid(tmp_path):
+    root = tmp_path / "cpu"
+    root.mkdir()
+    root.joinpath("preset.json").write_text(json.dumps({"reduces": "everything (a test)", "tasks": list(TASKS),
+                                                         "seeds": list(SEEDS), "algos": ["so2", "edac", "sac"]}))
+    for task in TASKS:
+        for seed in SEEDS:
+            write_run(root / "finetune/so2" / task / f"seed{seed}", "so2", task, seed, q_diff=0.9)
+            if not (task == "hopper-medium" and seed == 2):
+                write_run(root / "finetune/edac" / task / f"seed{seed}", "edac", task, seed)
+        write_run(root / "pretrain/so2" / task / "seed0", "so2", task, 0, online_steps=0)  # ignored
+    write_run(root / "finetune/edac/hopper-medium/seed2", "edac", "hopper-medium", 2, last_step=50)  # partial
+    for seed in SEEDS:  # SAC once per environment: hopper serves hopper-medium
+        write_run(root / "online/sac/hopper" / f"seed{seed}", "sac", "hopper-medium", seed, q_diff=0.25)
+    return root
+
+
+def make(grid, tmp_path):
+    return report.Report(grid, tmp_path / "out", "cpu", json.loads((grid / "preset.json").read_text()),
+                         report.read_runs(grid), reps=200)
+
+
+def test_cells_are_means_and_stds_over_seeds(grid, tmp_path):
+    r = make(grid, tmp_path)
+    start = [offline("so2", "hopper-medium", s) for s in SEEDS]
+    end = [final("so2", "hopper-medium", s) for s in SEEDS]
+    assert r.cell("so2", "hopper-medium") == \
+        f"{np.mean(start):.1f} +- {np.std(start):.1f} -> {np.mean(end):.1f} +- {np.std(end):.1f}"
+    end2 = [final("edac", "hopper-medium", s) for s in (0, 1)]
+    assert r.cell("edac", "hopper-medium").endswith(f"{np.mean(end2):.1f} +- {np.std(end2):.1f} (2/3 seeds)")
+    assert r.cell("sac", "halfcheetah-random") == "missing"  # no SAC run on halfcheetah
+    sac = [final("sac", "hopper-medium", s) for s in SEEDS]
+    assert r.cell("sac", "hopper-medium") == f"{np.mean(sac):.1f} +- {np.std(sac):.1f}"
+    table = "\n".join(r.table())
+    average = [line for line in r.table() if line.startswith("| average")][0].split(" | ")
+    assert average[2] == "incomplete" and average[3].startswith("incomplete")  # edac misses a seed, SAC a task
+    so2_end = np.mean([np.mean([final("so2", t, s) for s in SEEDS]) for t in TASKS])
+    assert f"-> {so2_end:.1f}" in average[1]
+    assert "-99" not in table  # offline-phase rows and pretraining runs are not online scores
+
+
+def test_partial_and_missing_runs_are_never_numbers(grid, tmp_path):
+    for run in (grid / "finetune/edac/hopper-medium").rglob("edac__*"):
+        if not run.name.endswith("1002"):
+            for f in run.iterdir():
+                f.unlink()
+            run.rmdir()
+    r = make(grid, tmp_path)
+    assert r.cell("edac", "hopper-medium") == "missing (1 partial)"
+
+
+def test_rliable_iqm_is_rliables_own(grid, tmp_path):
+    from rliable import metrics
+
+    r = make(grid, tmp_path)
+    matrix = r.score_matrix("so2")
+    expected = np.array([[final("so2", t, s) for t in TASKS] for s in SEEDS]) / 100
+    np.testing.assert_allclose(matrix, expected)
+    iqm = metrics.aggregate_iqm(expected) * 100
+    line = next(ln for ln in r.rliable(reps=200) if ln.startswith("| SO2 |"))
+    assert f"| {iqm:.1f} [" in line
+    assert r.score_matrix("sac") is None  # SAC has no halfcheetah run: left out, not averaged over what it has
+    assert any(ln.startswith("| EDAC |") and "| 2 x 2 |" in ln for ln in r.rliable(reps=200))
+
+
+def test_q_difference_relative_to_sac_and_files(grid, tmp_path):
+    r = make(grid, tmp_path)
+    q = r.q_table()
+    so2_row = next(ln for ln in q if ln.startswith("| hopper-medium | SO2 |"))
+    so2 = np.mean([0.9 + 0.1 * s for s in SEEDS])
+    sac = np.mean([0.25 + 0.1 * s for s in SEEDS])
+    assert f"| {so2:.3f} | {so2 - sac:+.3f} |" in so2_row
+    path = r.write("python benchmark/report.py (test)")
+    text = path.read_text()
+    assert "everything (a test)" in text and "test CPU" in text
+    assert (tmp_path / "out" / "curves_hopper-medium.png").stat().st_size > 1000
+    assert (tmp_path / "out" / "q_hopper-medium.png").stat().st_size > 1000
+    assert "`finetune/edac/hopper-medium/seed2/edac__hopper-medium__2__1002` | no |" in text
+    path.write_text(text + "\n## Reading\n\nSO2 wins here, by construction.\n")
+    make(grid, tmp_path).write("again")
+    assert path.read_text().endswith("## Reading\n\nSO2 wins here, by construction.\n")
