@@ -216,3 +216,12 @@ def test_main_stores_scalar_standardised_rewards_and_time_outs(tmp_path, hopper_
     np.testing.assert_allclose(stored, (np.asarray(raw) - data.mean()) / data.std(), rtol=1e-4, atol=1e-4,
                                err_msg="online rewards must be standardised with the dataset's moments")
     assert any(tr and not te for _, te, tr in added), "time-outs must be stored as truncated, not terminal"
+
+
+def test_each_optimiser_takes_its_own_learning_rate():
+    agent = diverse_agent()
+    _, _, optims = edac.make_update_fns(agent, edac.Args(n_critics=N, actor_lr=1e-4, critic_lr=2e-4, alpha_lr=3e-5),
+                                        -float(ACT))
+    lrs = {k: [g["lr"] for g in o.param_groups] for k, o in optims.items()}
+    assert lrs == {"actor_optim": [1e-4], "critic_optim": [2e-4], "alpha_optim": [3e-5]}, lrs
+    assert optims["alpha_optim"].param_groups[0]["params"] == [agent.log_alpha]

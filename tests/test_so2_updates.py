@@ -408,3 +408,11 @@ def test_main_wires_switch_buffers_flags_and_diagnostics(tmp_path, hopper_tiny, 
         assert any(truncated), "time-outs must be stored as truncated"
     else:
         assert not any(truncated) and any(terminated), "--timeouts terminal stores time-outs as terminal"
+
+
+def test_each_offline_optimiser_takes_its_own_learning_rate():
+    agent = diverse_agent()
+    _, optims = so2.make_offline_update(agent, so2.Args(n_critics=N, actor_lr=1e-4, critic_lr=2e-4, alpha_lr=3e-5),
+                                        -float(ACT))
+    lrs = {k: [g["lr"] for g in o.param_groups] for k, o in optims.items()}
+    assert lrs == {"actor_optim": [1e-4], "critic_optim": [2e-4], "alpha_optim": [3e-5]}, lrs
