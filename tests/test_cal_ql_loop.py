@@ -106,7 +106,11 @@ def test_online_loop_stores_episodes_and_samples(tmp_path):
                "return_mean": 0.0, "return_std": 0.0, "normalized_score": 0.0, "q_normalized_difference": 0.0,
                "q_kendall_tau": 0.0}}
     logger = cal.Logger(tmp_path)
-    cal.train_online(args, agent, buffers, update, {}, ctx, logger, None)
+    try:
+        cal.train_online(args, agent, buffers, update, {}, ctx, logger, None)
+    except RuntimeError as e:  # sampling an empty online buffer, say
+        pytest.fail(f"the online loop failed after {len(calls)} updates ({e}); updates must only start once the "
+                    f"first episode is stored")
     logger.close()
 
     # a whole episode first (3, 4 and 2 steps, then 3 cut by the budget), then as many updates as it had steps
