@@ -74,7 +74,7 @@ def load_mutants(only: list[str] | None, match: str | None) -> list[Mutant]:
 
 def first_failure(output: str) -> str:
     """The first failing test id and the line of its assertion message, from pytest -x -q -rf output."""
-    failed = re.search(r"^(FAILED|ERROR) (\S+)(?: - (.*))?$", output, re.M)
+    failed = re.search(r"^(FAILED|ERROR) (.+?)(?: - (.*))?$", output, re.M)  # test ids may hold spaces
     if failed:
         return f"{failed.group(2)}: {(failed.group(3) or '').strip()[:300]}"
     return output.strip().splitlines()[-1][:300] if output.strip() else "(no output)"
