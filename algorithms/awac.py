@@ -103,6 +103,8 @@ class Args:
     """torch.compile the update functions"""
     deterministic: bool = False
     """torch.use_deterministic_algorithms (slower on GPU)"""
+    hidden_dim: int = 256
+    """width of every hidden layer of every network (256 in the papers; the benchmark's cpu preset uses less)"""
     # ---- AWAC
     preset: Literal["rlkit", "corl"] = "rlkit"
     """per-dataset values: rlkit = the authors' code, corl = CORL's (see PRESETS and the docstring); other flags win"""
@@ -645,10 +647,12 @@ def make_agent(args: Args, obs_dim: int, act_dim: int, obs_moments: tuple[torch.
                device: torch.device) -> Agent:
     """The actor and twin critics with rlkit's init, the target a copy of the critics; the dataset's observation
     moments go into every network when --normalize-obs is set."""
-    agent = Agent(GaussianActor(obs_dim, act_dim, n_layers=args.actor_layers, log_std_min=-6.0, log_std_max=0.0,
-                                sigmoid_log_std=True),  # rlkit GaussianPolicy(std_architecture="values")
-                  TwinQ(obs_dim, act_dim, n_layers=args.critic_layers),
-                  TwinQ(obs_dim, act_dim, n_layers=args.critic_layers))
+    width = args.hidden_dim
+    # the actor is rlkit's GaussianPolicy(std_architecture="values")
+    agent = Agent(GaussianActor(obs_dim, act_dim, width, n_layers=args.actor_layers, log_std_min=-6.0,
+                                log_std_max=0.0, sigmoid_log_std=True),
+                  TwinQ(obs_dim, act_dim, width, n_layers=args.critic_layers),
+                  TwinQ(obs_dim, act_dim, width, n_layers=args.critic_layers))
     rlkit_init([*agent.actor.hidden, agent.actor.mu], last_bound=1e-3)
     rlkit_init(list(agent.critic.q.layers), last_bound=3e-3)
     agent.critic_target.load_state_dict(agent.critic.state_dict())

@@ -107,6 +107,8 @@ class Args:
     """torch.compile the update functions"""
     deterministic: bool = False
     """torch.use_deterministic_algorithms (slower on GPU)"""
+    hidden_dim: int = 256
+    """width of every hidden layer of every network (256 in the papers; the benchmark's cpu preset uses less)"""
     # ---- CQL (SO2 paper, Table 5 = CORL configs/offline/cql MuJoCo)
     batch_size: int = 256
     """batch size, offline and online"""
@@ -576,9 +578,9 @@ class Actor(nn.Module):
 class Critic(VectorizedCritic):
     """The twin critics (N = 2, one vectorised layer) on standardised observations; Q of shape [2, B]."""
 
-    def __init__(self, obs_dim: int, act_dim: int, n_layers: int, obs_mean: torch.Tensor, obs_std: torch.Tensor
-                 ) -> None:
-        super().__init__(obs_dim, act_dim, 2, n_layers=n_layers, edac_init=False)
+    def __init__(self, obs_dim: int, act_dim: int, n_layers: int, obs_mean: torch.Tensor, obs_std: torch.Tensor,
+                 hidden: int = 256) -> None:
+        super().__init__(obs_dim, act_dim, 2, hidden, n_layers=n_layers, edac_init=False)
         self.register_buffer("obs_mean", obs_mean)
         self.register_buffer("obs_std", obs_std)
 
@@ -1123,10 +1125,11 @@ def main(args: Args) -> Path:
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     mean, std = moments(data["observations"]) if args.normalize_states else (np.zeros(obs_dim), np.ones(obs_dim))
     mean, std = (torch.as_tensor(x, dtype=torch.float32, device=device) for x in (mean, std))
-    actor = Actor(obs_dim, act_dim, mean, std).to(device)
-    critic = Critic(obs_dim, act_dim, args.q_n_hidden_layers, mean, std).to(device)
+    actor = Actor(obs_dim, act_dim, mean, std, args.hidden_dim).to(device)
+    critic = Critic(obs_dim, act_dim, args.q_n_hidden_layers, mean, std, args.hidden_dim).to(device)
     init_weights(actor, critic, args.init)
-    agent = Agent(actor, critic, Critic(obs_dim, act_dim, args.q_n_hidden_layers, mean, std).to(device),
+    target = Critic(obs_dim, act_dim, args.q_n_hidden_layers, mean, std, args.hidden_dim).to(device)
+    agent = Agent(actor, critic, target,
                   torch.zeros((), device=device, requires_grad=True))
     agent.critic_target.load_state_dict(critic.state_dict())
     offline_update, online_update, optims = make_update_fns(agent, args, act_dim)

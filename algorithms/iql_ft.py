@@ -108,6 +108,8 @@ class Args:
     """torch.compile the update functions"""
     deterministic: bool = False
     """torch.use_deterministic_algorithms (slower on GPU)"""
+    hidden_dim: int = 256
+    """width of every hidden layer of every network (256 in the papers; the benchmark's cpu preset uses less)"""
     # ---- IQL
     preset: Literal["iql", "corl"] = "iql"
     """per-dataset values: iql = the authors' code, corl = CORL's (see PRESETS and the docstring); other flags win"""
@@ -706,8 +708,9 @@ def make_agent(args: Args, obs_dim: int, act_dim: int, obs_moments: tuple[torch.
                device: torch.device) -> Agent:
     """Actor, twin Q, its target copy and V, 256 x 2 each with [IQL]'s orthogonal init; the dataset's observation
     moments go into every network when --normalize-obs is set."""
-    agent = Agent(GaussianActor(obs_dim, act_dim, dropout=args.actor_dropout), TwinQ(obs_dim, act_dim),
-                  TwinQ(obs_dim, act_dim), ValueNet(obs_dim))
+    width = args.hidden_dim
+    agent = Agent(GaussianActor(obs_dim, act_dim, width, dropout=args.actor_dropout), TwinQ(obs_dim, act_dim, width),
+                  TwinQ(obs_dim, act_dim, width), ValueNet(obs_dim, width))
     for net in vars(agent).values():
         orthogonal_init(net)
         if args.normalize_obs:

@@ -77,6 +77,8 @@ class Args:
     """torch.compile the update functions"""
     deterministic: bool = False
     """torch.use_deterministic_algorithms (slower on GPU)"""
+    hidden_dim: int = 256
+    """width of every hidden layer of every network (256 in the papers; the benchmark's cpu preset uses less)"""
     # ---- SAC (CleanRL's defaults)
     buffer_size: int = 1_000_000
     """replay buffer capacity"""
@@ -785,9 +787,10 @@ def main(args: Args) -> Path:
     env = make_env(task)
     eval_env = make_env(task, q_horizon(args.gamma) if args.q_diag_extend_steps is None else args.q_diag_extend_steps)
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    actor = TanhGaussianActor(obs_dim, act_dim, n_layers=2, squash_log_std=True, edac_init=False).to(device)
-    critic = VectorizedCritic(obs_dim, act_dim, 2, n_layers=2, edac_init=False).to(device)
-    agent = Agent(actor, critic, VectorizedCritic(obs_dim, act_dim, 2, n_layers=2, edac_init=False).to(device),
+    width = args.hidden_dim
+    actor = TanhGaussianActor(obs_dim, act_dim, width, n_layers=2, squash_log_std=True, edac_init=False).to(device)
+    critic = VectorizedCritic(obs_dim, act_dim, 2, width, n_layers=2, edac_init=False).to(device)
+    agent = Agent(actor, critic, VectorizedCritic(obs_dim, act_dim, 2, width, n_layers=2, edac_init=False).to(device),
                   torch.tensor(0.0 if args.autotune else math.log(args.alpha), device=device,
                                requires_grad=args.autotune))
     agent.critic_target.load_state_dict(critic.state_dict())

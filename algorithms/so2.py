@@ -121,6 +121,8 @@ class Args:
     """torch.compile the update functions"""
     deterministic: bool = False
     """torch.use_deterministic_algorithms (slower on GPU)"""
+    hidden_dim: int = 256
+    """width of every hidden layer of every network (256 in the papers; the benchmark's cpu preset uses less)"""
     # ---- SO2
     n_critics: int = 10
     """N, critics in the ensemble (SO2 paper, Tables 7 and 8)"""
@@ -147,7 +149,7 @@ class Args:
     utd_ratio: int = 10
     """N_upc, critic updates per online env step"""
     actor_updates_per_step: int | None = None
-    """actor updates per online env step, spread evenly among the critic updates; default = utd_ratio (paper), 1 = SO2 code"""
+    """actor updates per online env step, spread among the critic updates; default = utd_ratio (paper), 1 = SO2 code"""
     target_noise: float = 0.3
     """sigma, std of the PVU noise added to the target action after the tanh"""
     target_noise_clip: float = 0.6
@@ -175,7 +177,7 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "door": dict(n_critics=50, online_steps=400_000),  # SO2 paper, Table 8; Adroit budget
     "halfcheetah-medium-expert": dict(eta=5.0),  # CORL configs/offline/edac
     "walker2d-medium-expert": dict(eta=5.0),  # CORL configs/offline/edac
-    # EDAC README's command; its --plr also sets the temperature's lr (the EDAC trainer's alpha optimiser uses policy_lr)
+    # EDAC README's command; its --plr also sets the temperature's lr (the EDAC trainer's alpha optimiser takes it)
     "pen-human": dict(eta=1000.0, offline_steps=200_000, actor_lr=3e-5, alpha_lr=3e-5, normalize_reward=True),
     "pen-cloned": dict(eta=10.0),  # CORL configs/offline/edac/pen (N 20, 3M updates, lr 3e-4, raw rewards)
     "pen-expert": dict(eta=10.0),  # CORL configs/offline/edac/pen/expert_v1.yaml (its env_name field reads pen-cloned)
@@ -1196,9 +1198,10 @@ def main(args: Args) -> Path:
     data["rewards"] = reward_fn(data["rewards"])
 
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    actor = TanhGaussianActor(obs_dim, act_dim, log_std_min=-5.0, log_std_max=2.0).to(device)
-    critic = VectorizedCritic(obs_dim, act_dim, args.n_critics).to(device)
-    agent = Agent(actor, critic, VectorizedCritic(obs_dim, act_dim, args.n_critics).to(device),
+    width = args.hidden_dim
+    actor = TanhGaussianActor(obs_dim, act_dim, width, log_std_min=-5.0, log_std_max=2.0).to(device)
+    critic = VectorizedCritic(obs_dim, act_dim, args.n_critics, width).to(device)
+    agent = Agent(actor, critic, VectorizedCritic(obs_dim, act_dim, args.n_critics, width).to(device),
                   torch.zeros((), device=device, requires_grad=True))
     agent.critic_target.load_state_dict(critic.state_dict())
     n_data = len(data["rewards"])

@@ -98,6 +98,8 @@ class Args:
     """torch.compile the update functions"""
     deterministic: bool = False
     """torch.use_deterministic_algorithms (slower on GPU)"""
+    hidden_dim: int = 256
+    """width of every hidden layer of every network (256 in the papers; the benchmark's cpu preset uses less)"""
     # ---- TD3+BC (the authors' values = CORL = SO2 paper, Table 6)
     alpha: float = 2.5
     """alpha, weight of the Q term: lambda = alpha / mean|Q1(s, pi(s))|"""
@@ -546,8 +548,9 @@ class DeterministicActor(nn.Module):
 class TwinCritic(VectorizedCritic):
     """Q1 and Q2 ([2, B]) on [(s - mean) / std, a], 2 x 256 ReLU each, one vectorised ensemble of two."""
 
-    def __init__(self, obs_dim: int, act_dim: int, obs_mean: torch.Tensor, obs_std: torch.Tensor) -> None:
-        super().__init__(obs_dim, act_dim, 2, n_layers=2, edac_init=False)  # U(+-1/sqrt(fan_in)) = nn.Linear's
+    def __init__(self, obs_dim: int, act_dim: int, obs_mean: torch.Tensor, obs_std: torch.Tensor,
+                 hidden: int = 256) -> None:
+        super().__init__(obs_dim, act_dim, 2, hidden, n_layers=2, edac_init=False)  # U(+-1/sqrt(fan_in)) = nn.Linear's
         self.register_buffer("obs_mean", obs_mean.clone())
         self.register_buffer("obs_std", obs_std.clone())
 
@@ -1004,8 +1007,8 @@ def main(args: Args) -> Path:
 
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     obs_mean, obs_std = (torch.as_tensor(m, device=device) for m in moments(data["observations"], eps=1e-3))
-    actor = DeterministicActor(obs_dim, act_dim, obs_mean, obs_std, args.expl_noise).to(device)
-    critic = TwinCritic(obs_dim, act_dim, obs_mean, obs_std).to(device)
+    actor = DeterministicActor(obs_dim, act_dim, obs_mean, obs_std, args.expl_noise, args.hidden_dim).to(device)
+    critic = TwinCritic(obs_dim, act_dim, obs_mean, obs_std, args.hidden_dim).to(device)
     agent = Agent(actor, copy.deepcopy(actor), critic, copy.deepcopy(critic))
     optims = {"actor_optim": torch.optim.Adam(actor.parameters(), lr=args.actor_lr),
               "critic_optim": torch.optim.Adam(critic.parameters(), lr=args.critic_lr)}

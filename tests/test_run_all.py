@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("bench_run_all", ROOT / "benchmark" / "run_all.py")
@@ -171,6 +172,17 @@ def check_real_grid(preset_dir: Path, algos: list[str]) -> None:
         assert runs, f"no {algo} run"
         rows = [json.loads(line) for line in runs[0].read_text().splitlines()]
         assert rows[-1]["phase"] == "online" and rows[-1]["env_step"] == 200
+        widths = set()
+
+        def walk(x):
+            if hasattr(x, "shape"):
+                widths.update(x.shape)
+            elif isinstance(x, dict):
+                for v in x.values():
+                    walk(v)
+
+        walk(torch.load(runs[0].parent / "checkpoint.pt", weights_only=False)["agent"])
+        assert 16 in widths and 256 not in widths, f"{algo}: --hidden-dim 16 did not set the networks' width"
 
 
 def test_smoke_preset_on_the_real_files(tmp_path):

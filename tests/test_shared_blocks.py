@@ -91,3 +91,22 @@ def test_every_arg_is_used_and_defaults_are_valid(path):
     for key, overrides in getattr(module, "DATASET_DEFAULTS", {}).items():
         assert key in module.TASK_IDS or key in module.MUJOCO_FAMILIES + module.ADROIT_FAMILIES, key
         assert set(overrides) <= fields, (key, set(overrides) - fields)
+
+
+PROTOCOL = ("env_id", "data", "dataset", "seed", "offline_steps", "online_steps", "offline_eval_every", "eval_every",
+            "eval_episodes", "q_diag_extend_steps", "output_dir", "checkpoint_every", "log_every", "offline_checkpoint",
+            "resume", "device", "threads", "compile", "deterministic", "hidden_dim")
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+def test_protocol_fields_come_first_in_the_same_order(path):
+    """benchmark/run_all.py passes these flags to every file; sac.py has no offline phase."""
+    tree = ast.parse(path.read_text())
+    args = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Args")
+    names = [n.target.id for n in args.body if isinstance(n, ast.AnnAssign)]
+    expected = [f for f in PROTOCOL if not (path.name == "sac.py" and f in (
+        "dataset", "offline_steps", "offline_eval_every", "offline_checkpoint"))]
+    assert names[:len(expected)] == expected, f"{path.name}: {names[:len(expected)]}"
+    defaults = {n.target.id: ast.literal_eval(n.value) for n in args.body
+                if isinstance(n, ast.AnnAssign) and n.target.id == "hidden_dim"}
+    assert defaults == {"hidden_dim": 256}
