@@ -104,7 +104,7 @@ class Args:
     deterministic: bool = False
     """torch.use_deterministic_algorithms (slower on GPU)"""
     hidden_dim: int = 256
-    """width of every hidden layer of every network (256 in the papers; the benchmark's cpu preset uses less)"""
+    """width of every hidden layer of every network (256 in the papers; benchmark presets may use less)"""
     # ---- AWAC
     preset: Literal["rlkit", "corl"] = "rlkit"
     """per-dataset values: rlkit = the authors' code, corl = CORL's (see PRESETS and the docstring); other flags win"""
@@ -135,9 +135,9 @@ class Args:
     clip_samples: bool = False
     """clip the policy samples of V(s) and of the Bellman target to [-1, 1] (CORL; rlkit does not)"""
     actor_layers: int = 4
-    """hidden layers of 256 units in the actor"""
+    """hidden layers (of --hidden-dim units) in the actor"""
     critic_layers: int = 2
-    """hidden layers of 256 units in each critic"""
+    """hidden layers (of --hidden-dim units) in each critic"""
     normalize_obs: bool = False
     """standardise observations with the dataset's mean and std (kept inside every network)"""
     warmup_steps: int = 1_000

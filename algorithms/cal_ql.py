@@ -104,7 +104,7 @@ class Args:
     deterministic: bool = False
     """torch.use_deterministic_algorithms (slower on GPU)"""
     hidden_dim: int = 256
-    """width of every hidden layer of every network (256 in the papers; the benchmark's cpu preset uses less)"""
+    """width of every hidden layer of every network (256 in the papers; benchmark presets may use less)"""
     # ---- Cal-QL on the CQL settings of cql_ft.py (SO2 paper, Table 5 = CORL configs/offline/cql MuJoCo)
     batch_size: int = 256
     """batch size, offline and online"""
@@ -567,7 +567,7 @@ class VectorizedCritic(nn.Module):
 # ---- networks
 # >>> shared: cql_networks
 class Actor(nn.Module):
-    """CORL's TanhGaussianPolicy: s -> 3 x 256 ReLU -> (mu, l); log_sigma = m * l + b with learned scalars m, b
+    """CORL's TanhGaussianPolicy: s -> 3 x hidden ReLU -> (mu, l); log_sigma = m * l + b with learned scalars m, b
     (1 and -1 at init), clamped to [-20, 2]; a = tanh(u), u ~ N(mu, sigma^2), with the exact tanh log-density.
     Observations are standardised inside, with statistics kept as buffers, so `act` takes raw observations."""
 
@@ -1221,7 +1221,7 @@ def main(args: Args) -> Path:
             restore(optims, offline["optims"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise RunError(f"{args.offline_checkpoint} does not fit these networks ({e}); pass the "
-                           f"--q-n-hidden-layers it was trained with") from None
+                           f"--q-n-hidden-layers and --hidden-dim it was trained with") from None
 
     ctx["offline_grad_steps"] = 0 if args.offline_checkpoint else args.offline_steps
     buffers = online_buffers(args, data, obs_dim, act_dim, device)

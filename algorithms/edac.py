@@ -17,7 +17,7 @@ Differences from the authors' code (snu-mllab/EDAC, CORL), and which one the def
 - Losses from one update: the temperature and actor losses share one policy sample (EDAC code). As CORL does, the
   actor loss and the critic's target use alpha after the temperature step, and the target is computed after the
   actor step; the EDAC code computes all three losses from the parameters before any step. No flag; the
-  difference is one step of lr 3e-4.
+  difference is one temperature step.
 - pen-human follows the EDAC README's command (N 20, eta 1000, 200k updates, actor lr 3e-5 and the same for the
   temperature, since the EDAC trainer's temperature optimiser uses the policy lr; rewards standardised with the
   dataset's mean and std); `--preset corl` gives CORL's config (3M updates, lr 3e-4, raw rewards).
@@ -103,7 +103,7 @@ class Args:
     deterministic: bool = False
     """torch.use_deterministic_algorithms (slower on GPU)"""
     hidden_dim: int = 256
-    """width of every hidden layer of every network (256 in the papers; the benchmark's cpu preset uses less)"""
+    """width of every hidden layer of every network (256 in the papers; benchmark presets may use less)"""
     # ---- EDAC / SAC-N
     preset: Literal["edac", "corl"] = "edac"
     """per-dataset values: edac = the authors' code and README, corl = CORL's configs (differ on pen-human only)"""
@@ -635,7 +635,6 @@ def bellman_target(actor: TanhGaussianActor, critic_target: VectorizedCritic, ba
     next_action, next_log_pi = actor(batch["next_observations"])
     q_next = critic_target(batch["next_observations"], next_action).min(dim=0).values
     return batch["rewards"] + gamma * (1.0 - batch["terminated"]) * (q_next - alpha * next_log_pi)
-
 
 
 @dataclass

@@ -109,7 +109,7 @@ class Args:
     deterministic: bool = False
     """torch.use_deterministic_algorithms (slower on GPU)"""
     hidden_dim: int = 256
-    """width of every hidden layer of every network (256 in the papers; the benchmark's cpu preset uses less)"""
+    """width of every hidden layer of every network (256 in the papers; benchmark presets may use less)"""
     # ---- IQL
     preset: Literal["iql", "corl"] = "iql"
     """per-dataset values: iql = the authors' code, corl = CORL's (see PRESETS and the docstring); other flags win"""
@@ -618,7 +618,7 @@ class TwinQ(nn.Module):
 
 
 class ValueNet(nn.Module):
-    """V(s): s -> 256 -> 256 -> 1."""
+    """V(s): s -> hidden -> hidden -> 1."""
 
     def __init__(self, obs_dim: int, hidden: int = 256) -> None:
         super().__init__()
@@ -706,7 +706,7 @@ class Agent:
 
 def make_agent(args: Args, obs_dim: int, act_dim: int, obs_moments: tuple[torch.Tensor, torch.Tensor],
                device: torch.device) -> Agent:
-    """Actor, twin Q, its target copy and V, 256 x 2 each with [IQL]'s orthogonal init; the dataset's observation
+    """Actor, twin Q, its target copy and V, 2 hidden layers of --hidden-dim each with [IQL]'s orthogonal init; the dataset's observation
     moments go into every network when --normalize-obs is set."""
     width = args.hidden_dim
     agent = Agent(GaussianActor(obs_dim, act_dim, width, dropout=args.actor_dropout), TwinQ(obs_dim, act_dim, width),

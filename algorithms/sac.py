@@ -78,7 +78,7 @@ class Args:
     deterministic: bool = False
     """torch.use_deterministic_algorithms (slower on GPU)"""
     hidden_dim: int = 256
-    """width of every hidden layer of every network (256 in the papers; the benchmark's cpu preset uses less)"""
+    """width of every hidden layer of every network (256 in the papers; benchmark presets may use less)"""
     # ---- SAC (CleanRL's defaults)
     buffer_size: int = 1_000_000
     """replay buffer capacity"""

@@ -38,7 +38,7 @@ Differences from the authors' code (`SO2/ding/policy/edac.py`, `SO2/ding/entry/s
   [-20, 2], and starts fresh Adam states with lr 1e-3. We do the same (`switch_to_online`).
   The temperature and actor losses share one policy sample, as in the EDAC code. As CORL does, the actor loss and
   the critic's target use alpha after the temperature step, and the target is computed after the actor step; the
-  EDAC code computes all three losses from the parameters before any step (one step of lr 3e-4 apart).
+  EDAC code computes all three losses from the parameters before any step (one temperature step apart).
 - Per-dataset offline settings (`DATASET_DEFAULTS`): pen-human uses the EDAC README's command (N 20, eta 1000, 200k
   updates, actor and temperature lr 3e-5 -- the EDAC trainer's temperature optimiser takes the policy lr --, rewards
   standardised); pen-cloned/expert eta 10 and door-cloned/expert eta 200 with 3M updates come from CORL's EDAC
@@ -122,7 +122,7 @@ class Args:
     deterministic: bool = False
     """torch.use_deterministic_algorithms (slower on GPU)"""
     hidden_dim: int = 256
-    """width of every hidden layer of every network (256 in the papers; the benchmark's cpu preset uses less)"""
+    """width of every hidden layer of every network (256 in the papers; benchmark presets may use less)"""
     # ---- SO2
     n_critics: int = 10
     """N, critics in the ensemble (SO2 paper, Tables 7 and 8)"""
@@ -675,7 +675,6 @@ def bellman_target(actor: TanhGaussianActor, critic_target: VectorizedCritic, ba
     return batch["rewards"] + gamma * (1.0 - batch["terminated"]) * (q_next - alpha * next_log_pi)
 
 
-
 @dataclass
 class Agent:
     actor: TanhGaussianActor
@@ -727,7 +726,7 @@ def make_offline_update(agent: Agent, args: Args, target_entropy: float
 
 def actor_updates(args: Args) -> int:
     """Actor steps per env step: --actor-updates-per-step, or one per critic step (the paper's N_upc) if not given."""
-    n_actor = args.actor_updates_per_step or args.utd_ratio
+    n_actor = args.utd_ratio if args.actor_updates_per_step is None else args.actor_updates_per_step
     if n_actor < 1 or args.utd_ratio < 1 or args.utd_ratio % n_actor:
         raise RunError(f"--utd-ratio {args.utd_ratio} must be a positive multiple of --actor-updates-per-step "
                        f"{n_actor} (actor steps are spread evenly among the critic steps)")
@@ -748,7 +747,7 @@ def make_online_update(agent: Agent, args: Args
 
     def update(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         alpha = agent.log_alpha.exp()
-        critic_loss = a_loss_sum = q_mean = torch.zeros((), device=alpha.device)
+        critic_loss = a_loss_mean = q_mean = torch.zeros((), device=alpha.device)
         for u in range(utd):
             b = {k: v[u] for k, v in batch.items()}
             y = bellman_target(agent.actor, agent.critic_target, b, alpha, gamma, noise, noise_clip, per_member)
@@ -765,9 +764,9 @@ def make_online_update(agent: Agent, args: Args
                 actor_optim.zero_grad(set_to_none=True)
                 a_loss.backward()
                 actor_optim.step()
-                a_loss_sum = a_loss_sum + a_loss.detach() / n_actor
+                a_loss_mean = a_loss_mean + a_loss.detach() / n_actor
             polyak(agent.critic_target, agent.critic, tau)
-        return {"loss/critic": critic_loss, "loss/actor": a_loss_sum, "q/mean": q_mean}
+        return {"loss/critic": critic_loss, "loss/actor": a_loss_mean, "q/mean": q_mean}
 
     return update, {"actor_optim": actor_optim, "critic_optim": critic_optim}
 
@@ -1083,8 +1082,8 @@ def make_online_buffers(data: dict[str, np.ndarray], args: Args, obs_dim: int, a
 def stored_flags(terminated: bool, truncated: bool, args: Args, family: str | None) -> tuple[bool, bool]:
     """The (terminated, truncated) an online transition is stored with. --timeouts terminal copies the SO2 code,
     which stores gym's `done`: a time-out stops bootstrapping for hopper and walker2d (its halfcheetah config
-    ignores every done, and halfcheetah never terminates)."""
-    if args.timeouts == "terminal" and truncated and not terminated and family != "halfcheetah":
+    ignores every done, and it has no Adroit config, so other families keep bootstrapping)."""
+    if args.timeouts == "terminal" and truncated and not terminated and family in ("hopper", "walker2d"):
         return True, False
     return terminated, truncated
 
@@ -1250,7 +1249,11 @@ def main(args: Args) -> Path:
                            f"--n-critics {args.n_critics}")
         for key in ("critic", "critic_target"):  # keep the first N members, as the SO2 code does
             offline["agent"][key] = {k: v[: args.n_critics] for k, v in offline["agent"][key].items()}
-        restore(vars(agent), offline["agent"])
+        try:
+            restore(vars(agent), offline["agent"])
+        except (RuntimeError, KeyError) as e:
+            raise RunError(f"{args.offline_checkpoint} does not fit these networks ({e}); pass the --hidden-dim "
+                           f"it was trained with") from None
 
     switch_to_online(agent, args)
     ctx["offline_grad_steps"] = 0 if args.offline_checkpoint else args.offline_steps

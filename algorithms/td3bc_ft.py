@@ -99,7 +99,7 @@ class Args:
     deterministic: bool = False
     """torch.use_deterministic_algorithms (slower on GPU)"""
     hidden_dim: int = 256
-    """width of every hidden layer of every network (256 in the papers; the benchmark's cpu preset uses less)"""
+    """width of every hidden layer of every network (256 in the papers; benchmark presets may use less)"""
     # ---- TD3+BC (the authors' values = CORL = SO2 paper, Table 6)
     alpha: float = 2.5
     """alpha, weight of the Q term: lambda = alpha / mean|Q1(s, pi(s))|"""
@@ -518,7 +518,7 @@ class VectorizedCritic(nn.Module):
 
 # ---- networks
 class DeterministicActor(nn.Module):
-    """pi(s) = tanh(MLP((s - mean) / std)), 2 x 256 ReLU, PyTorch's default init (TD3+BC). The dataset's observation
+    """pi(s) = tanh(MLP((s - mean) / std)), 2 x hidden ReLU, PyTorch's default init (TD3+BC). The dataset's observation
     statistics are buffers, so `act`, the critics' users and the checkpoints see raw observations.
 
     `act(obs, deterministic=False)` is the online behaviour policy: pi(s) + clip(N(0, expl_noise^2), -0.5, 0.5),
@@ -546,7 +546,7 @@ class DeterministicActor(nn.Module):
 
 
 class TwinCritic(VectorizedCritic):
-    """Q1 and Q2 ([2, B]) on [(s - mean) / std, a], 2 x 256 ReLU each, one vectorised ensemble of two."""
+    """Q1 and Q2 ([2, B]) on [(s - mean) / std, a], 2 x hidden ReLU each, one vectorised ensemble of two."""
 
     def __init__(self, obs_dim: int, act_dim: int, obs_mean: torch.Tensor, obs_std: torch.Tensor,
                  hidden: int = 256) -> None:

@@ -1,6 +1,6 @@
 """Tables, curves, rliable statistics and Q-value figures from the run directories of a benchmark grid.
 
-    python benchmark/report.py --preset cpu                  # runs/benchmark/cpu -> results/cpu/
+    python benchmark/report.py --preset paper                # runs/benchmark/paper -> results/paper/
     python benchmark/report.py --runs-dir DIR --out results/mine --title "my sweep"
 
 Reads only run directories (`config.json`, `eval.jsonl`: wherever they sit below `--runs-dir`) and the grid's
@@ -11,8 +11,8 @@ its `--online-steps`); a missing or partial run is shown as missing, never as a 
 task of its environment.
 
 Writes into `--out`:
-- `README.md`: the SO2 paper's table layout (offline score -> online score, mean +- std over seeds, per dataset and
-  averaged over the datasets every method completed), the paper's published numbers beside ours, rliable's IQM and
+- `README.md`: the SO2 paper's table layout (offline score -> online score, mean +- std over seeds, per dataset, and
+  averaged over the datasets for the methods that completed every dataset with every seed), the paper's published numbers beside ours, rliable's IQM and
   optimality gap with 95% stratified-bootstrap intervals and the probability that SO2 improves on each method, the
   Q diagnostics at the last evaluation, and the run directories behind every cell. A hand-written section starting
   with `## Reading` is kept when the report is rewritten.
@@ -365,22 +365,26 @@ class Report:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="cpu", help="the grid's preset: reads <runs-root>/<preset>")
+    parser.add_argument("--preset", help="the grid's preset: reads <runs-root>/<preset>")
     parser.add_argument("--runs-root", default="runs/benchmark", help="benchmark/run_all.py's --runs-dir")
     parser.add_argument("--runs-dir", help="read this folder instead of <runs-root>/<preset>")
     parser.add_argument("--out", help="output folder (default results/<preset>)")
     parser.add_argument("--title", help="report title (default: the preset's name)")
     args = parser.parse_args(argv)
+    if not args.preset and not args.runs_dir:
+        parser.error("give --preset (a benchmark/run_all.py grid) or --runs-dir")
     runs_dir = Path(args.runs_dir or Path(args.runs_root) / args.preset).resolve()
     if not runs_dir.is_dir():
-        raise SystemExit(f"error: {runs_dir} does not exist; run benchmark/run_all.sh --preset {args.preset} first")
+        raise SystemExit(f"error: {runs_dir} does not exist; run benchmark/run_all.sh --preset {args.preset or '...'} "
+                         f"first, or pass --runs-dir")
     preset_file = runs_dir / "preset.json"
     preset = json.loads(preset_file.read_text()) if preset_file.is_file() else {}
     runs = read_runs(runs_dir)
     if not runs:
         raise SystemExit(f"error: no fine-tuning or SAC run directories below {runs_dir}")
-    out = Path(args.out or ROOT / "results" / args.preset)
-    report = Report(runs_dir, out, args.title or args.preset, preset, runs)
+    name = args.preset or runs_dir.name
+    out = Path(args.out or ROOT / "results" / name)
+    report = Report(runs_dir, out, args.title or name, preset, runs)
     command = "python benchmark/report.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     print(f"wrote {report.write(command.strip())}")
 

@@ -1,9 +1,8 @@
 """Run the benchmark grid {algorithm} x {task} x {seed}, locally or on SLURM, resuming whatever was started before.
 
     benchmark/run_all.sh --preset smoke                        # seconds per run, on tiny rebuilt data (CI)
-    benchmark/run_all.sh --preset cpu --jobs 2                 # reduced budgets, about 10 core-hours on a 2-core CPU
-    benchmark/run_all.sh --preset paper --slurm --jobs 32      # the protocol, as a SLURM job array
-    benchmark/run_all.sh --preset cpu --algos so2 edac --tasks hopper-medium --seeds 0 1
+    benchmark/run_all.sh --preset paper --slurm --jobs 32      # the protocol, as SLURM job arrays
+    benchmark/run_all.sh --preset paper --algos so2 edac --tasks hopper-medium --seeds 0 1 --jobs 2
 
 Jobs. Each offline-to-online method needs an offline pretraining; runs that can share one do: a `pretrain` job runs
 the pretraining file with `--online-steps 0` and keeps its `offline.pt`, and every `finetune` job starts from it with
@@ -19,16 +18,20 @@ again, with the file's own `--resume` when its run directory has a checkpoint, s
 last checkpoint left it and a failed one is retried. `benchmark/report.py` reads only the run directories.
 
 Locally at most `--jobs` runs go at once, one torch thread each; a progress line says how many are done, running,
-failed and pending, and about how long is left. `--slurm` submits one `sbatch --array` per stage (pretraining and SAC
-first, then fine-tuning with `--dependency=afterok` on the pretraining array), `%` limiting the array to `--jobs` at
-once; each array task runs `run_all.py --run-one MANIFEST INDEX`, the same code the local runner uses, and logs to
-`<runs-dir>/<preset>/slurm/<stage>-<array job>_<task>.log`. `--wait` waits for the arrays and prints the summary.
+failed and pending, and about how long is left; a lock keeps a second runner off the same preset folder. `--slurm`
+submits one `sbatch --array` each for pretraining, SAC and fine-tuning (`%` limits each to `--jobs` at once); the
+fine-tuning array waits for the pretraining array to end (`--dependency=afterany`), and each of its tasks starts
+only if its own pretraining finished, so one failed pretraining blocks only its own fine-tuning runs. Each array task
+runs `run_all.py --run-one MANIFEST INDEX` (one manifest per submission), the same code the local runner uses, and
+logs to `<runs-dir>/<preset>/slurm/<stage>-<array job>_<task>.log`; jobs still queued from an earlier submission
+are not submitted again. `--wait` waits for the arrays and prints the summary.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import json
 import os
 import shlex
@@ -51,7 +54,7 @@ ONLINE_ONLY = ("sac",)
 @dataclass(frozen=True)
 class Preset:
     """Budgets of one grid. `flags` are passed to every run of a file, `common` to every run; what they reduce
-    relative to the protocol is said in `reduces`, which the report repeats next to every number."""
+    relative to the protocol is said in `reduces`, which the report states in its header."""
     name: str
     tasks: tuple[str, ...]
     seeds: tuple[int, ...]
@@ -198,6 +201,11 @@ def finish(job: Job, preset_dir: Path, rc: int, seconds: float) -> None:
               "run_dir": str(run_dirs(job_dir)[-1].name) if run_dirs(job_dir) else None,
               "attempts": previous.get("attempts", 0) + 1,
               "wall_s": round(previous.get("wall_s", 0.0) + seconds, 1), "finished": time.time()}
+    write_status(job_dir, record)
+
+
+def write_status(job_dir: Path, record: dict) -> None:
+    job_dir.mkdir(parents=True, exist_ok=True)
     tmp = job_dir / "status.json.tmp"
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(tmp, job_dir / "status.json")
@@ -212,8 +220,13 @@ def tail(path: Path, n: int = 15) -> str:
 
 
 def run_one(job: Job, preset_dir: Path) -> int:
-    """Run one job in the foreground (a SLURM array task)."""
+    """Run one job in the foreground (a SLURM array task). The fine-tuning array starts once the whole pretraining
+    array has ended (afterany), so a task whose own pretraining failed stops here, and only that task."""
     t0 = time.time()
+    if job.needs and status(preset_dir / job.needs).get("state") != "done":
+        print(f"[run_all] {job.label} not started: its pretraining {job.needs} did not finish", flush=True)
+        finish(job, preset_dir, 1, 0.0)
+        return 1
     proc, log = start(job, preset_dir, dict(os.environ))
     rc = proc.wait()
     log.close()
@@ -269,7 +282,13 @@ def run_local(jobs: list[Job], preset_dir: Path, n_parallel: int) -> list[Job]:
                 if job.needs and status(preset_dir / job.needs).get("state") != "done":
                     continue
                 todo.remove(job)
-                proc, log = start(job, preset_dir, env)
+                try:
+                    proc, log = start(job, preset_dir, env)
+                except (OSError, RuntimeError) as e:
+                    finish(job, preset_dir, 1, 0.0)
+                    failed.append(job)
+                    print(f"[run_all] {job.label} FAILED to start: {e}", flush=True)
+                    continue
                 running[job.dir] = (job, proc, log, time.time())
             for key, (job, proc, log, t0) in list(running.items()):
                 rc = proc.poll()
@@ -321,9 +340,11 @@ def submit(stage: str, jobs: list[Job], preset_dir: Path, n_parallel: int, after
            sbatch_args: list[str]) -> str:
     """One array job for `jobs`; returns its SLURM job id."""
     slurm_dir = preset_dir / "slurm"
-    manifest = slurm_dir / f"{stage}.json"
+    # one manifest per submission: tasks still queued from an earlier one keep reading theirs
+    stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{time.time_ns() % 1_000_000:06d}"
+    manifest = slurm_dir / f"{stage}-{stamp}.json"
     write_manifest(manifest, jobs, preset_dir)
-    script = slurm_dir / f"{stage}.sbatch"
+    script = slurm_dir / f"{stage}-{stamp}.sbatch"
     script.write_text("\n".join([
         "#!/bin/bash",
         f"#SBATCH --job-name=o2o-{preset_dir.name}-{stage}",
@@ -333,40 +354,63 @@ def submit(stage: str, jobs: list[Job], preset_dir: Path, n_parallel: int, after
         f"cd {shlex.quote(str(ROOT))}",
         f"exec {shlex.quote(sys.executable)} benchmark/run_all.py --algorithms-dir {shlex.quote(str(ALGORITHMS))} "
         f"--run-one {shlex.quote(str(manifest))} \"$SLURM_ARRAY_TASK_ID\"", ""]))
-    cmd = ["sbatch", "--parsable", *(["--dependency", f"afterok:{after}"] if after else []), *sbatch_args, str(script)]
+    cmd = ["sbatch", "--parsable", *(["--dependency", f"afterany:{after}"] if after else []), *sbatch_args,
+           str(script)]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"error: {shlex.join(cmd)} failed: {out.stderr.strip()}")
     job_id = out.stdout.strip().split(";")[0]
+    for i, job in enumerate(jobs):
+        write_status(preset_dir / job.dir, {**status(preset_dir / job.dir), "state": "queued",
+                                            "slurm_job": f"{job_id}_{i}"})
     print(f"[run_all] submitted {len(jobs)} {stage} runs as SLURM array {job_id}"
-          + (f" (after {after} succeeds)" if after else ""), flush=True)
+          + (f" (after {after} ends)" if after else ""), flush=True)
     return job_id
+
+
+def squeue(job_ids: list[str]) -> list[str] | None:
+    """squeue's lines for these jobs; None when squeue itself failed (e.g. slurmctld briefly away)."""
+    out = subprocess.run(["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i %T"], capture_output=True, text=True)
+    if out.returncode != 0 and "Invalid job id" not in out.stderr:
+        return None
+    return [ln for ln in out.stdout.splitlines() if ln.strip()]
 
 
 def run_slurm(jobs: list[Job], preset_dir: Path, n_parallel: int, wait: bool, sbatch_args: list[str]) -> list[Job]:
     if shutil.which("sbatch") is None:
         raise SystemExit("error: --slurm needs sbatch on PATH (run on a SLURM login node, or drop --slurm)")
-    todo = [j for j in jobs if status(preset_dir / j.dir).get("state") != "done"]
-    first = [j for j in todo if j.kind != "finetune"]
-    second = [j for j in todo if j.kind == "finetune"]
+    todo = []
+    for job in jobs:
+        state = status(preset_dir / job.dir)
+        if state.get("state") == "done":
+            continue
+        if state.get("state") == "queued" and squeue([state["slurm_job"]]):  # still queued or running
+            print(f"[run_all] {job.label} is already {state['slurm_job']} on SLURM", flush=True)
+            continue
+        todo.append(job)
+    pre, online = [j for j in todo if j.kind == "pretrain"], [j for j in todo if j.kind == "online"]
+    fine = [j for j in todo if j.kind == "finetune"]
     ids = []
-    first_id = submit("pretrain", first, preset_dir, n_parallel, None, sbatch_args) if first else None
-    ids += [first_id] if first_id else []
-    if second:
-        waits_for_first = first_id if any(j.needs in {f.dir for f in first} for j in second) else None
-        ids.append(submit("finetune", second, preset_dir, n_parallel, waits_for_first, sbatch_args))
+    pre_id = submit("pretrain", pre, preset_dir, n_parallel, None, sbatch_args) if pre else None
+    ids += [pre_id] if pre_id else []
+    if online:
+        ids.append(submit("online", online, preset_dir, n_parallel, None, sbatch_args))
+    if fine:
+        ids.append(submit("finetune", fine, preset_dir, n_parallel, pre_id, sbatch_args))
     if not ids:
-        print("[run_all] nothing to run: every job is done", flush=True)
+        print("[run_all] nothing to submit", flush=True)
     if not wait or not ids:
         return []
+    failures = 0
     while True:
-        out = subprocess.run(["squeue", "-h", "-j", ",".join(ids), "-o", "%i %T %r"], capture_output=True, text=True)
-        lines = [ln for ln in out.stdout.splitlines() if ln.strip()]
-        if not lines or all("DependencyNeverSatisfied" in ln for ln in lines):
+        lines = squeue(ids)
+        if lines is None:
+            failures += 1
+            if failures > 30:
+                raise SystemExit("error: squeue kept failing; the arrays were left as they are")
+        elif not lines:
             break
         time.sleep(2)
-    for job_id in ids:  # a fine-tuning array whose pretraining failed never starts: take it off the queue
-        subprocess.run(["scancel", job_id], capture_output=True)
     failed = [j for j in todo if status(preset_dir / j.dir).get("state") != "done"]
     for job in failed:
         print(f"[run_all] {job.label} did not finish; last lines of {preset_dir / job.dir / 'log.txt'}:\n"
@@ -389,6 +433,16 @@ def build_data(preset: Preset, preset_dir: Path, tasks: tuple[str, ...]) -> dict
             raise SystemExit(f"error: could not build the {preset.name} preset's {task} data:\n{out.stdout[-2000:]}"
                              f"{out.stderr[-2000:]}")
     return {"MINARI_DATASETS_PATH": str(root)}
+
+
+def write_preset(preset_dir: Path, preset: Preset, algos: list[str], tasks: tuple[str, ...],
+                 seeds: tuple[int, ...]) -> None:
+    """preset.json, which the report reads: the union of every invocation's algorithms, tasks and seeds."""
+    path = preset_dir / "preset.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    union = {k: list(dict.fromkeys([*old.get(k, []), *new])) for k, new in (("algos", algos), ("tasks", tasks),
+                                                                            ("seeds", seeds))}
+    path.write_text(json.dumps({**dataclasses.asdict(preset), **union}, indent=1) + "\n")
 
 
 # ---- command line
@@ -432,9 +486,17 @@ def main(argv: list[str] | None = None) -> int:
         for job in jobs:
             print(f"{status(preset_dir / job.dir).get('state', 'pending'):8s} {job.dir}")
         return 0
+    if args.jobs < 1:
+        raise SystemExit("error: --jobs must be at least 1")
+    if not args.slurm:
+        lock = open(preset_dir / ".run_all.lock", "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(f"error: another benchmark/run_all.py is running the grid in {preset_dir}; wait for it "
+                             f"or stop it (its runs resume on the next start)") from None
     os.environ.update(build_data(preset, preset_dir, tasks))
-    (preset_dir / "preset.json").write_text(json.dumps({**dataclasses.asdict(preset), "algos": algos, "tasks": tasks,
-                                                        "seeds": seeds}, indent=1) + "\n")
+    write_preset(preset_dir, preset, algos, tasks, seeds)
     print(f"[run_all] preset {preset.name}: {len(jobs)} runs ({', '.join(algos)} x {len(tasks)} tasks x {len(seeds)} "
           f"seeds) in {preset_dir}; reduced: {preset.reduces}", flush=True)
     if args.slurm:

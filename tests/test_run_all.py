@@ -200,6 +200,6 @@ def test_smoke_preset_through_slurm(tmp_path):
                           "--runs-dir", str(tmp_path), "--jobs", "2", "--slurm", "--wait"],
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-    assert "as SLURM array" in out.stdout and "after" in out.stdout  # fine-tuning waited for pretraining
+    assert "as SLURM array" in out.stdout and "ends)" in out.stdout  # fine-tuning waited for pretraining
     check_real_grid(tmp_path / "smoke", algos)
     assert list((tmp_path / "smoke" / "slurm").glob("pretrain-*_0.log"))

@@ -296,6 +296,7 @@ def test_mixed_batch_rows_come_from_their_buffers():
     ("terminal", "halfcheetah", (False, True), (False, True)),
     ("terminal", "hopper", (True, False), (True, False)),
     ("terminal", "hopper", (False, False), (False, False)),
+    ("terminal", "pen", (False, True), (False, True)),
 ])
 def test_stored_flags(mode, family, flags, expected):
     assert so2.stored_flags(*flags, so2.Args(timeouts=mode), family) == expected

@@ -29,6 +29,7 @@ start_munge() {
     chmod 0755 /run/munge && chmod 0700 /var/lib/munge /var/log/munge
     if ! (munge -n | unmunge) >/dev/null 2>&1; then
         runuser -u munge -- munged --pid-file=/run/munge/munged.pid
+        touch "$SLURM_ROOT.munged-ours"  # stop only a munged this script started
     fi
     for _ in $(seq 100); do (munge -n | unmunge) >/dev/null 2>&1 && return 0; sleep 0.1; done
     echo "munged did not come up" >&2
@@ -36,6 +37,11 @@ start_munge() {
 }
 
 write_config() {
+    case "$SLURM_ROOT" in /tmp/*) ;; *) echo "SLURM_ROOT must be under /tmp (it is deleted): $SLURM_ROOT" >&2; return 1 ;; esac
+    if [ -f /etc/slurm/slurm.conf ] && ! grep -q '^ClusterName=ci$' /etc/slurm/slurm.conf; then
+        echo "/etc/slurm/slurm.conf exists and is not this script's (no ClusterName=ci); not overwriting it" >&2
+        return 1
+    fi
     rm -rf "$SLURM_ROOT"
     mkdir -p "$SLURM_ROOT"/{state,spool/slurmd-localhost,log,run} /etc/slurm
     # the node's layout as slurmd sees it, so that it does not reconfigure its boundaries
@@ -78,8 +84,8 @@ EOF
 }
 
 start() {
-    start_munge
     write_config
+    start_munge
     slurmctld -i
     slurmd -N localhost
     for _ in $(seq 120); do
@@ -106,7 +112,7 @@ stop() {
     scancel --user=root 2>/dev/null || true
     stop_pid "$SLURM_ROOT/run/slurmd.pid"
     stop_pid "$SLURM_ROOT/run/slurmctld.pid"
-    stop_pid /run/munge/munged.pid
+    if [ -f "$SLURM_ROOT.munged-ours" ]; then stop_pid /run/munge/munged.pid; rm -f "$SLURM_ROOT.munged-ours"; fi
 }
 
 case "${1:-}" in
