@@ -203,3 +203,18 @@ def test_smoke_preset_through_slurm(tmp_path):
     assert "as SLURM array" in out.stdout and "ends)" in out.stdout  # fine-tuning waited for pretraining
     check_real_grid(tmp_path / "smoke", algos)
     assert list((tmp_path / "smoke" / "slurm").glob("pretrain-*_0.log"))
+
+
+@pytest.mark.skipif(shutil.which("sbatch") is None, reason="SLURM is not installed here (.ci/run starts one)")
+def test_slurm_failed_pretraining_blocks_only_its_own_fine_tuning(fakes, tmp_path, no_data_build, monkeypatch):
+    monkeypatch.setenv("FAKE_FAIL", "td3bc_ft:pretrain")  # sbatch passes the environment on to the tasks
+    assert run_all.main(grid(fakes, tmp_path, "--slurm", "--wait")) == 1
+    s = states(tmp_path)
+    assert s["pretrain/td3bc_ft/hopper-random/seed0"] == "failed"
+    assert s["finetune/td3bc_ft/hopper-random/seed0"] == "failed"  # blocked by its own pretraining only
+    assert s["finetune/so2/hopper-random/seed0"] == s["finetune/edac/hopper-random/seed0"] == "done"
+    assert s["online/sac/hopper/seed0"] == "done"
+    monkeypatch.delenv("FAKE_FAIL")
+    assert run_all.main(grid(fakes, tmp_path, "--slurm", "--wait")) == 0  # a rerun retries only those two
+    assert set(states(tmp_path).values()) == {"done"}
+    assert len(list((tmp_path / "runs/smoke/slurm").glob("pretrain-*.json"))) == 2  # one manifest per submission
