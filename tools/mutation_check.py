@@ -119,7 +119,8 @@ def run_one(m: Mutant, timeout: int) -> Mutant:
             output = proc.stdout + proc.stderr
             if proc.returncode == 0:
                 m.status, m.detail = "survived", "all tests passed"
-            elif proc.returncode in (4, 5):  # usage error / no tests collected: not a catch
+            elif proc.returncode in (2, 3, 4, 5) or "ERROR collecting" in output:
+                # interrupted (a collection error), internal error, usage error, no tests: not a catch
                 m.status, m.detail = "broken", f"pytest exit {proc.returncode}: {first_failure(output)}"
             else:
                 m.status, m.detail = "caught", first_failure(output)
