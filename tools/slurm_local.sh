@@ -84,6 +84,7 @@ EOF
 }
 
 start() {
+    stop  # a cluster left from an earlier start goes first: its state folder is about to be rewritten
     write_config
     start_munge
     slurmctld -i
