@@ -1,6 +1,7 @@
 """Run the benchmark grid {algorithm} x {task} x {seed}, locally or on SLURM, resuming whatever was started before.
 
     benchmark/run_all.sh --preset smoke                        # seconds per run, on tiny rebuilt data (CI)
+    benchmark/run_all.sh --preset cpu --jobs 2                 # reduced budgets for a 2-core CPU (rebuilt data)
     benchmark/run_all.sh --preset paper --slurm --jobs 32      # the protocol, as SLURM job arrays
     benchmark/run_all.sh --preset paper --algos so2 edac --tasks hopper-medium --seeds 0 1 --jobs 2
 
@@ -83,6 +84,23 @@ PRESETS = {
                "iql_ft": ("--batch-size", "16"),
                "sac": ("--batch-size", "16", "--learning-starts", "50")},
         build_data=("--steps", "2000")),
+    # Budgets from per-step rates measured on 2026-12-03 (Intel Xeon, 1 thread, width 64, rebuilt hopper-medium):
+    # offline steps/s so2 (EDAC, N 10) 34, cql_ft 20, cal_ql 12, td3bc_ft 167, iql_ft 102, awac 113; online env
+    # steps/s so2 (UTD 10, batch 256) 6.8, edac 34, cql_ft 18, cal_ql 9, td3bc_ft 142, iql_ft 88, awac 65. That
+    # puts the grid near 12 core-hours with evaluation and loading: a first calibration, to be measured whole.
+    "cpu": Preset(
+        name="cpu", tasks=("hopper-medium", "hopper-medium-replay", "halfcheetah-random"), seeds=(0, 1, 2),
+        data="rebuilt",
+        reduces="10,000 offline gradient steps (protocol: 1M-3M), 5,000 online env steps (100,000), width-64 networks "
+                "(256), N = 10 critics for SO2 and EDAC (hopper: 50), SO2's online batch 256 (2,560) and warm-up 1,000 "
+                "(5,000), SAC's learning start 1,000 (5,000), 5 evaluation episodes (10) every 2,500 offline gradient "
+                "steps (10,000) and every 1,000 online env steps; datasets rebuilt on this machine",
+        common=("--offline-steps", "10000", "--online-steps", "5000", "--offline-eval-every", "2500", "--eval-every",
+                "1000", "--eval-episodes", "5", "--checkpoint-every", "2500", "--log-every", "500", "--hidden-dim",
+                "64"),
+        flags={"so2": ("--n-critics", "10", "--online-batch-size", "256", "--warmup-steps", "1000"),
+               "edac": ("--n-critics", "10"),
+               "sac": ("--learning-starts", "1000")}),
     "paper": Preset(
         name="paper", seeds=(0, 1, 2, 3), data="d4rl",
         tasks=tuple(f"{f}-{d}" for f in ("halfcheetah", "hopper", "walker2d")

@@ -218,3 +218,19 @@ def test_slurm_failed_pretraining_blocks_only_its_own_fine_tuning(fakes, tmp_pat
     assert run_all.main(grid(fakes, tmp_path, "--slurm", "--wait")) == 0  # a rerun retries only those two
     assert set(states(tmp_path).values()) == {"done"}
     assert len(list((tmp_path / "runs/smoke/slurm").glob("pretrain-*.json"))) == 2  # one manifest per submission
+
+
+@pytest.mark.parametrize("preset", sorted(run_all.PRESETS))
+def test_every_preset_flag_is_an_argument_of_its_file(preset):
+    """A flag a file does not know fails every run of the grid: check them all without running anything."""
+    import ast
+
+    def fields(algo):
+        tree = ast.parse((ROOT / "algorithms" / f"{algo}.py").read_text())
+        args = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Args")
+        return {n.target.id for n in args.body if isinstance(n, ast.AnnAssign)}
+
+    algos = run_all.available_algos()
+    for job in run_all.make_jobs(run_all.PRESETS[preset], algos, run_all.PRESETS[preset].tasks[:1], (0,)):
+        flags = {f[2:].replace("-", "_") for f in job.flags if f.startswith("--")}
+        assert flags <= fields(job.algo), f"{preset}: {job.algo} lacks {sorted(flags - fields(job.algo))}"
