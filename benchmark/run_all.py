@@ -84,7 +84,8 @@ PRESETS = {
                "iql_ft": ("--batch-size", "16"),
                "sac": ("--batch-size", "16", "--learning-starts", "50")},
         build_data=("--steps", "2000")),
-    # Budgets from per-step rates measured on 2026-12-03 (Intel Xeon, 1 thread, width 64, rebuilt hopper-medium):
+    # Budgets from per-step rates measured on 2026-12-03 (2-core Intel Xeon, 1 thread, a SAC run on the other core;
+    # width 64, rebuilt hopper-medium, one short run per file):
     # offline steps/s so2 (EDAC, N 10) 34, cql_ft 20, cal_ql 12, td3bc_ft 167, iql_ft 102, awac 113; online env
     # steps/s so2 (UTD 10, batch 256) 6.8, edac 34, cql_ft 18, cal_ql 9, td3bc_ft 142, iql_ft 88, awac 65. That
     # puts the grid near 12 core-hours with evaluation and loading: a first calibration, to be measured whole.

@@ -184,6 +184,28 @@ def qlearning_reference(raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in out.items()}
 
 
+def write_hopper_d4rl(path: Path, steps: int, limit: int) -> Path:
+    """`steps` uniform-random steps of Hopper-v4 (seed 0) in D4RL's layout, episodes cut by time-outs at `limit`."""
+    import gymnasium as gym
+
+    env, rng = gym.make("Hopper-v4"), np.random.default_rng(0)
+    obs, _ = env.reset(seed=0)
+    rows: dict[str, list] = {k: [] for k in ("observations", "actions", "rewards", "terminals", "timeouts")}
+    t = 0
+    for _ in range(steps):
+        action = rng.uniform(-1, 1, 3).astype(np.float32)
+        next_obs, reward, terminated, _, _ = env.step(action)
+        t += 1
+        for k, v in zip(rows, (obs, action, reward, terminated, t >= limit and not terminated)):
+            rows[k].append(v)
+        obs = next_obs
+        if terminated or t >= limit:
+            obs, t = env.reset()[0], 0
+    arrays = {k: np.asarray(v, dtype=bool if k in ("terminals", "timeouts") else np.float32) for k, v in rows.items()}
+    write_d4rl_file(path, arrays)
+    return path
+
+
 # ---- tiny Minari datasets
 
 def make_episodes(lengths_and_ends=((6, "terminal"), (9, "truncated"), (5, "none")), obs_dim: int = 11,

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import load_algo
+from conftest import load_algo, write_hopper_d4rl
 
 cal = load_algo("cal_ql")
 torch.set_num_threads(1)  # the tiny networks are slower with threads on a shared machine
@@ -169,24 +169,7 @@ def test_online_loop_stores_episodes_and_samples(tmp_path):
 @pytest.fixture(scope="module")
 def hopper_file(tmp_path_factory) -> Path:
     """300 steps of random actions in Hopper-v4, in D4RL's layout; time-outs at 30 steps."""
-    path = tmp_path_factory.mktemp("data") / "hopper_tiny.hdf5"
-    env, rng = gym.make("Hopper-v4"), np.random.default_rng(0)
-    obs, _ = env.reset(seed=0)
-    rows: dict[str, list] = {k: [] for k in ("observations", "actions", "rewards", "terminals", "timeouts")}
-    t = 0
-    for _ in range(300):
-        action = rng.uniform(-1, 1, 3).astype(np.float32)
-        next_obs, reward, terminated, _, _ = env.step(action)
-        t += 1
-        for k, v in zip(rows, (obs, action, reward, terminated, t >= 30 and not terminated)):
-            rows[k].append(v)
-        obs = next_obs
-        if terminated or t >= 30:
-            obs, t = env.reset()[0], 0
-    with h5py.File(path, "w") as f:
-        for k, v in rows.items():
-            f[k] = np.asarray(v, dtype=np.float32 if k not in ("terminals", "timeouts") else bool)
-    return path
+    return write_hopper_d4rl(tmp_path_factory.mktemp("data") / "hopper_tiny.hdf5", steps=300, limit=30)
 
 
 def direct_reward_scale(path: Path, max_episode_steps: int = 1000) -> float:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import all_q, assert_grads_close, grads, load_algo, policy_sample, write_d4rl_file
+from conftest import all_q, assert_grads_close, grads, load_algo, policy_sample, write_hopper_d4rl
 
 edac = load_algo("edac")
 OBS, ACT, N, B = 4, 2, 3, 12
@@ -155,25 +155,8 @@ def test_defaults_are_the_documented_ones():
 # ---------------------------------------------------------------- what main wires together
 @pytest.fixture(scope="module")
 def hopper_tiny(tmp_path_factory):
-    import gymnasium as gym
-
-    env, rng = gym.make("Hopper-v4"), np.random.default_rng(0)
-    obs, _ = env.reset(seed=0)
-    rows = {k: [] for k in ("observations", "actions", "rewards", "terminals", "timeouts")}
-    t = 0
-    for _ in range(300):
-        action = rng.uniform(-1, 1, 3).astype(np.float32)
-        next_obs, reward, terminated, _, _ = env.step(action)
-        t += 1
-        for k, v in zip(rows, (obs, action, reward, terminated, t >= 30 and not terminated)):
-            rows[k].append(v)
-        obs = next_obs
-        if terminated or t >= 30:
-            obs, t = env.reset()[0], 0
-    arrays = {k: np.asarray(v, dtype=bool if k in ("terminals", "timeouts") else np.float32) for k, v in rows.items()}
-    path = tmp_path_factory.mktemp("edacdata") / "hopper.hdf5"
-    write_d4rl_file(path, arrays)
-    return path
+    """300 random steps of Hopper-v4 in D4RL's layout, time-outs every 30 steps."""
+    return write_hopper_d4rl(tmp_path_factory.mktemp("edacdata") / "hopper.hdf5", steps=300, limit=30)
 
 
 def test_main_stores_scalar_standardised_rewards_and_time_outs(tmp_path, hopper_tiny, monkeypatch):

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import all_q, assert_grads_close, grads, load_algo, policy_sample
+from conftest import all_q, assert_grads_close, grads, load_algo, policy_sample, write_hopper_d4rl
 
 ROOT = Path(__file__).resolve().parents[1]
 so2 = load_algo("so2")
@@ -339,27 +339,7 @@ def test_defaults_are_the_documented_ones():
 @pytest.fixture(scope="module")
 def hopper_tiny(tmp_path_factory):
     """400 random steps of Hopper-v4 in D4RL's layout, time-outs every 30 steps."""
-    import gymnasium as gym
-    import h5py
-
-    path = tmp_path_factory.mktemp("so2data") / "hopper.hdf5"
-    env, rng = gym.make("Hopper-v4"), np.random.default_rng(0)
-    obs, _ = env.reset(seed=0)
-    rows = {k: [] for k in ("observations", "actions", "rewards", "terminals", "timeouts")}
-    t = 0
-    for _ in range(400):
-        action = rng.uniform(-1, 1, 3).astype(np.float32)
-        next_obs, reward, terminated, _, _ = env.step(action)
-        t += 1
-        for k, v in zip(rows, (obs, action, reward, terminated, t >= 30 and not terminated)):
-            rows[k].append(v)
-        obs = next_obs
-        if terminated or t >= 30:
-            obs, t = env.reset()[0], 0
-    with h5py.File(path, "w") as f:
-        for k, v in rows.items():
-            f[k] = np.asarray(v, dtype=bool if k in ("terminals", "timeouts") else np.float32)
-    return path
+    return write_hopper_d4rl(tmp_path_factory.mktemp("so2data") / "hopper.hdf5", steps=400, limit=30)
 
 
 @pytest.mark.parametrize("timeouts", ["bootstrap", "terminal"])

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
-from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
