@@ -760,9 +760,13 @@ def duration(seconds: float) -> str:
 
 
 def write_report(path: Path) -> None:
-    rows = [(name, built_record(name)) for name in BUILDABLE]
+    """Rows of the datasets built here, plus the rows recorded earlier (in the .json beside the report) of datasets
+    this Minari root lacks, so that a report written on a machine that holds only some datasets keeps the others;
+    each row names the machine that built it."""
+    saved_path = path.with_suffix(".json")
+    saved = json.loads(saved_path.read_text()) if saved_path.is_file() else {}
+    rows = [(name, built_record(name) or saved.get(name)) for name in BUILDABLE]
     rows = [(n, r) for n, r in rows if r is not None]
-    machine = next((r["machine"] for _, r in rows), sac.device_name(torch.device("cpu")))
     lines = [
         "# Rebuilt datasets (`--data rebuilt`)",
         "",
@@ -773,11 +777,12 @@ def write_report(path: Path) -> None:
         "Returns are over the complete episodes (those that ended by termination or time limit; the episode cut off "
         "by the step budget is left out). Normalised score = 100 (return - REF_MIN) / (REF_MAX - REF_MIN) with "
         "D4RL's REF returns. Wall time: the whole build of that dataset (collection and writing), single-threaded, "
-        f"on {machine}, with other jobs sharing the CPU.",
+        "on the machine named in the last column, with other jobs sharing the CPU. A dataset rebuilt on another CPU "
+        "can differ (a SAC run's trajectory, hence its medium snapshot, depends on floating-point details).",
         "",
         "| dataset | env | transitions | episodes | return (mean +- std) | norm. score | D4RL v2 / Minari: "
-        "transitions | episodes | score | source of the D4RL figures | build wall time | steps setting |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "transitions | episodes | score | source of the D4RL figures | build wall time | steps setting | built on |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows:
         d = D4RL_FIGURES.get(name, ("", "", "", ""))
@@ -785,9 +790,9 @@ def write_report(path: Path) -> None:
             f"| {dataset_id(name)} | {r['env_id']} | {r['transitions']:,} | {r['episodes']:,} | "
             f"{r['return_mean']:.1f} +- {r['return_std']:.1f} | {r['normalized_score']:.1f} | {d[0] or 'n/a'} | "
             f"{d[1] or 'n/a'} | {d[2] or 'n/a'} | {d[3] or ''} | {duration(r['wall_time_s'])} | "
-            f"{r['settings']['steps'] or 'full'} |")
+            f"{r['settings']['steps'] or 'full'} | {r['machine']} |")
     if not rows:
-        lines.append("| (none built yet) | | | | | | | | | | | |")
+        lines.append("| (none built yet) | | | | | | | | | | | | |")
     lines += ["", "Behaviour policies:", ""]
     lines += [f"- `{dataset_id(n)}`: {r['policy']}." for n, r in rows]
     missing = [n for n in BUILDABLE if n not in dict(rows)]
@@ -809,9 +814,10 @@ def write_report(path: Path) -> None:
                      f"observations differ from the recorded ones by a median of {check['obs_diff_median']:.3f} "
                      f"(max {check['obs_diff_max']:.2f}; per step, largest dimension).")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    for target, text in ((saved_path, json.dumps(dict(rows), indent=1) + "\n"), (path, "\n".join(lines) + "\n")):
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, target)
     print(f"report written to {path}")
 
 

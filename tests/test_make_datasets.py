@@ -154,6 +154,17 @@ def test_random_loads_through_so2_same_bytes_skip_and_settings(so2, minari_root,
     assert "o2o-rl/hopper/random-v0" in report.read_text()
     assert not (minari_root / mk.BUILD_DIR).exists()
 
+    # a report written where only some datasets exist keeps the rows recorded for the others, with their machine
+    saved = json.loads(report.with_suffix(".json").read_text())
+    assert set(saved) == {"hopper-random"}
+    elsewhere = {**record, "machine": "Another CPU", "env_id": "Walker2d-v5", "policy": "recorded elsewhere"}
+    report.with_suffix(".json").write_text(json.dumps({"walker2d-random": elsewhere, **saved}))
+    mk.write_report(report)
+    text = report.read_text()
+    assert "| o2o-rl/walker2d/random-v0 | Walker2d-v5 |" in text and "| Another CPU |" in text
+    assert "| o2o-rl/hopper/random-v0 | Hopper-v5 |" in text and f"| {record['machine']} |" in text
+    assert set(json.loads(report.with_suffix(".json").read_text())) == {"hopper-random", "walker2d-random"}
+
     # the same command in another root gives the same bytes
     first = sha_of(data_file(minari_root, "hopper-random"))
     other = tmp_path / "other"
