@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,6 +72,7 @@ class Run:
     seed: int
     online_steps: int
     rows: list[dict] = field(default_factory=list)
+    args: dict = field(default_factory=dict)
 
     @property
     def online(self) -> list[dict]:
@@ -105,7 +107,7 @@ def read_runs(runs_dir: Path) -> list[Run]:
         if args.get("online_steps", 0) == 0:  # a pretraining run
             continue
         runs.append(Run(config_path.parent, config["algo"], args["env_id"], int(args["seed"]),
-                        int(args["online_steps"]), rows))
+                        int(args["online_steps"]), rows, args))
     return runs
 
 
@@ -161,6 +163,9 @@ class Report:
         found = {r.algo for r in self.runs} | set(self.preset.get("algos", []))
         self.methods = sorted(found, key=lambda a: order.index(a) if a in order else len(order))
         self.chosen = pick(self.runs, self.tasks)
+        self.mixed = self.mixed_settings()
+        for line in self.mixed:
+            print(f"warning: {line}")
 
     def complete(self, method: str, task: str) -> list[Run]:
         return [r for s in self.seeds if (r := self.chosen.get((method, task, s))) is not None and r.complete]
@@ -320,6 +325,21 @@ class Report:
             written.append(f"q_{task}.png")
         return written
 
+    # Flags that may differ between the runs of one method without making them different experiments.
+    PER_RUN = ("env_id", "seed", "output_dir", "offline_checkpoint", "resume", "device", "threads", "dataset")
+
+    def mixed_settings(self) -> list[str]:
+        """Methods whose chosen runs were started with different settings (say, runs of an older preset), which a
+        mean over seeds would silently mix."""
+        lines = []
+        for method in self.methods:
+            runs = [r for (m, task, _), r in self.chosen.items() if m == method and task in self.tasks]
+            keys = sorted({k for r in runs for k in r.args if k not in self.PER_RUN})
+            differ = [k for k in keys if len({json.dumps(r.args.get(k)) for r in runs}) > 1]
+            if differ:
+                lines.append(f"{method}: its runs differ in {', '.join(differ)} (see their config.json)")
+        return lines
+
     # ---- sources
     def sources(self) -> list[str]:
         lines = ["| method | dataset | seed | run directory | complete |", "|---|---|---|---|---|"]
@@ -359,7 +379,12 @@ class Report:
                 "env step (positive: more over-estimation than SAC).", "", *self.q_table(), "",
                 "## Figures", "", *(f"![{f}]({f})" for f in figures), "",
                 "## Sources", "", *self.sources(), ""]
-        path.write_text("\n".join(text) + ("\n" + reading if reading else ""))
+        if self.mixed:
+            text[2:2] = ["**Warning: runs with different settings are averaged together.** " + "; ".join(self.mixed)
+                         + ".", ""]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("\n".join(text) + ("\n" + reading if reading else ""))
+        os.replace(tmp, path)
         return path
 
 

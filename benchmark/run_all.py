@@ -186,6 +186,22 @@ def resumable(job_dir: Path) -> Path | None:
     return next((p for p in reversed(run_dirs(job_dir)) if (p / "checkpoint.pt").is_file()), None)
 
 
+def started_with_other_flags(job: Job, job_dir: Path) -> bool:
+    """Whether the job's newest run directory was started with other flags than the preset gives now (the preset
+    was edited since): such a run is skipped when done and continued with its own settings when resumed, so the
+    runner says so instead of mixing settings silently. Paths (--output-dir, --offline-checkpoint) are not compared."""
+    dirs = run_dirs(job_dir)
+    try:
+        tokens = json.loads((dirs[-1] / "config.json").read_text())["command"].split()[1:] if dirs else None
+    except (OSError, KeyError, json.JSONDecodeError):
+        return False
+    if tokens is None:
+        return False
+    flags = [t for i, t in enumerate(tokens) if t not in ("--output-dir", "--offline-checkpoint")
+             and (i == 0 or tokens[i - 1] not in ("--output-dir", "--offline-checkpoint"))]
+    return flags != job.flags
+
+
 def command(job: Job, job_dir: Path, preset_dir: Path) -> list[str]:
     script = [sys.executable, str(ALGORITHMS / f"{job.algo}.py")]
     previous = resumable(job_dir)
@@ -518,6 +534,11 @@ def main(argv: list[str] | None = None) -> int:
     write_preset(preset_dir, preset, algos, tasks, seeds)
     print(f"[run_all] preset {preset.name}: {len(jobs)} runs ({', '.join(algos)} x {len(tasks)} tasks x {len(seeds)} "
           f"seeds) in {preset_dir}; reduced: {preset.reduces}", flush=True)
+    stale = [job.dir for job in jobs if started_with_other_flags(job, preset_dir / job.dir)]
+    if stale:
+        print(f"[run_all] warning: {len(stale)} runs were started with other flags than the preset gives now; they "
+              f"keep their own settings (done runs are skipped, killed ones resume as they were). Move their folders "
+              f"away to rerun them: {', '.join(stale)}", flush=True)
     if args.slurm:
         failed = run_slurm(jobs, preset_dir, args.jobs, args.wait, shlex.split(args.sbatch_args))
     else:

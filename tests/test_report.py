@@ -127,3 +127,18 @@ def test_q_difference_relative_to_sac_and_files(grid, tmp_path):
     path.write_text(text + "\n## Reading\n\nSO2 wins here, by construction.\n")
     make(grid, tmp_path).write("again")
     assert path.read_text().endswith("## Reading\n\nSO2 wins here, by construction.\n")
+
+
+def test_runs_started_with_other_settings_are_flagged(grid, tmp_path, capsys):
+    r = make(grid, tmp_path)
+    assert r.mixed == []
+    config = grid / "finetune/so2/hopper-medium/seed1" / "so2__hopper-medium__1__1001" / "config.json"
+    saved = json.loads(config.read_text())
+    saved["args"]["hidden_dim"] = 256  # say, a run left from an older preset; the others never set it
+    config.write_text(json.dumps(saved))
+    r = make(grid, tmp_path)
+    assert r.mixed == ["so2: its runs differ in hidden_dim (see their config.json)"]
+    assert "warning: so2: its runs differ in hidden_dim" in capsys.readouterr().out
+    text = r.write("test").read_text()
+    assert "**Warning: runs with different settings are averaged together.** so2: its runs differ in hidden_dim" in text
+    assert not list(r.out.glob("*.tmp"))

@@ -44,7 +44,7 @@ if args.resume:
 else:
     run = Path(args.output_dir) / f"{name}__{args.env_id}__{args.seed}__{time.time_ns()}"
     run.mkdir(parents=True)
-    config = {"algo": name, "args": vars(args), "argv": sys.argv[1:]}
+    config = {"algo": name, "args": vars(args), "command": " ".join(sys.argv)}
     (run / "config.json").write_text(json.dumps(config))
     state = {"step": 0}
 kind = "pretrain" if config["args"]["online_steps"] == 0 else "finetune"
@@ -119,6 +119,19 @@ def test_local_grid_runs_then_skips_finished_runs(fakes, tmp_path, no_data_build
     logs = {p: p.read_text() for p in (tmp_path / "runs").rglob("log.txt")}
     assert run_all.main(grid(fakes, tmp_path)) == 0
     assert {p: p.read_text() for p in (tmp_path / "runs").rglob("log.txt")} == logs, "a finished run was started again"
+
+
+def test_runs_of_an_edited_preset_are_named_not_mixed_silently(fakes, tmp_path, no_data_build, monkeypatch, capsys):
+    assert run_all.main(grid(fakes, tmp_path)) == 0
+    assert "warning" not in capsys.readouterr().out
+    smoke = run_all.PRESETS["smoke"]
+    monkeypatch.setitem(run_all.PRESETS, "smoke", dataclasses.replace(smoke, common=(*smoke.common, "--tau", "0.01")))
+    logs = {p: p.read_text() for p in (tmp_path / "runs").rglob("log.txt")}
+    assert run_all.main(grid(fakes, tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert "warning: 6 runs were started with other flags than the preset gives now" in out
+    assert "finetune/edac/hopper-random/seed0" in out and "online/sac/hopper/seed0" in out
+    assert {p: p.read_text() for p in (tmp_path / "runs").rglob("log.txt")} == logs, "kept, not rerun"
 
 
 def test_failed_run_is_reported_and_retried(fakes, tmp_path, no_data_build, monkeypatch, capsys):
