@@ -364,7 +364,8 @@ def plain_awac_update(actor, critic, target, args) -> Callable:
     networks before the step, then the critics (one Adam each), then the actor's weighted log-likelihood (as a
     torch Normal), then per-parameter Polyak. The advantage's policy sample is drawn before the target's, as the
     file does (CORL would draw the target's first and use the stepped critics for the advantage)."""
-    assert not args.v_from_mean and args.clip_score is None, "the reference covers the MuJoCo settings"
+    assert not (args.v_from_mean or args.clip_samples) and args.clip_score is None, \
+        "the reference covers the MuJoCo settings (--preset corl's clipped samples are not in it)"
     actor_optim = torch.optim.Adam(actor.parameters(), lr=args.actor_lr, weight_decay=args.actor_weight_decay)
     critic_optims = [torch.optim.Adam(q.parameters(), lr=args.critic_lr) for q in critic.qs]
 
