@@ -19,6 +19,9 @@ Writes into `--out`:
 - `curves_<task>.png`: normalised score against online env steps, mean over seeds with a 95% bootstrap band.
 - `q_<task>.png`: the SO2 paper's Figure 1 panels: normalised Q difference relative to SAC (the method's minus SAC's
   at the same env step, SAC averaged over seeds and interpolated) and Kendall's tau, against online env steps.
+- with `--copy-logs`: `runs/`, the text outputs of every run below `--runs-dir` (each run directory's
+  `config.json`, `eval.jsonl` and TensorBoard events; each job folder's `log.txt` and `status.json`), pretraining runs
+  included, in the same folders, so that the committed report carries the logs it came from (checkpoints are left).
 Std is numpy's (ddof 0) over seeds.
 """
 
@@ -28,6 +31,7 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -388,6 +392,21 @@ class Report:
         return path
 
 
+LOG_FILES = ("config.json", "eval.jsonl", "log.txt", "status.json", "preset.json")
+
+
+def copy_logs(runs_dir: Path, dest: Path) -> int:
+    """Copy the grid's text outputs (not its checkpoints) below `dest`, keeping their relative paths."""
+    n = 0
+    for src in sorted(runs_dir.rglob("*")):
+        if src.is_file() and (src.name in LOG_FILES or src.name.startswith("events.out.tfevents.")):
+            target = dest / src.relative_to(runs_dir)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, target)
+            n += 1
+    return n
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", help="the grid's preset: reads <runs-root>/<preset>")
@@ -395,6 +414,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs-dir", help="read this folder instead of <runs-root>/<preset>")
     parser.add_argument("--out", help="output folder (default results/<preset>)")
     parser.add_argument("--title", help="report title (default: the preset's name)")
+    parser.add_argument("--copy-logs", action="store_true", help="copy the runs' text outputs into <out>/runs/")
     args = parser.parse_args(argv)
     if not args.preset and not args.runs_dir:
         parser.error("give --preset (a benchmark/run_all.py grid) or --runs-dir")
@@ -412,6 +432,8 @@ def main(argv: list[str] | None = None) -> None:
     report = Report(runs_dir, out, args.title or name, preset, runs)
     command = "python benchmark/report.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     print(f"wrote {report.write(command.strip())}")
+    if args.copy_logs:
+        print(f"copied {copy_logs(runs_dir, out / 'runs')} log files into {out / 'runs'}")
 
 
 if __name__ == "__main__":

@@ -142,3 +142,16 @@ def test_runs_started_with_other_settings_are_flagged(grid, tmp_path, capsys):
     text = r.write("test").read_text()
     assert "**Warning: runs with different settings are averaged together.** so2: its runs differ in hidden_dim" in text
     assert not list(r.out.glob("*.tmp"))
+
+
+def test_copy_logs_carries_text_outputs_not_checkpoints(grid, tmp_path):
+    run = next((grid / "finetune/so2/hopper-medium/seed0").glob("so2__*"))
+    (run / "checkpoint.pt").write_bytes(b"weights")
+    (run.parent / "log.txt").write_text("the job's log\n")
+    out = tmp_path / "results"
+    report.main(["--runs-dir", str(grid), "--out", str(out), "--copy-logs"])
+    copied = out / "runs" / run.relative_to(grid)
+    assert (copied / "eval.jsonl").read_text() == (run / "eval.jsonl").read_text()
+    assert (copied / "config.json").is_file() and (copied.parent / "log.txt").read_text() == "the job's log\n"
+    assert (out / "runs" / "preset.json").is_file() and not list((out / "runs").rglob("*.pt"))
+    assert (out / "README.md").is_file()
