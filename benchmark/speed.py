@@ -5,16 +5,23 @@ Workloads:
   online block for one env step (`so2`: utd_ratio critic steps + actor_updates_per_step actor steps at batch 2560),
   for walker2d (obs 17, act 6, N 10) and hopper (obs 11, act 3, N 50).
 - one offline step of every baseline file (`edac.py`, `cql_ft.py`, `cal_ql.py`, `td3bc_ft.py`, `awac.py`,
-  `iql_ft.py`), built as that file's main() builds it, with its Args for walker2d-medium (obs 17, act 6) and its
-  offline batch size. td3bc_ft.py's call is one policy_freq cycle (2 critic steps, then 1 actor step + Polyak).
+  `iql_ft.py`, `off2on.py`), built as that file's main() builds it, with its Args for walker2d-medium (obs 17, act 6)
+  and its offline batch size. td3bc_ft.py's call is one policy_freq cycle (2 critic steps, then 1 actor step +
+  Polyak); off2on.py's is one step of its E = 5 CQL agents trained as one vectorised ensemble, each on its own batch,
+  against E separate agents (own twin Sequentials, actor, log alpha and Adams) in a Python loop.
+- `off2on-online`: one online update of off2on.py (density-ratio net, the RL batch's priorities, SAC on the
+  moment-matched policy and the pessimistic ensemble of E twin critics), from the state at the switch.
 Each workload times the plain reference (one nn.Sequential per critic, Python loops over critics and parameters),
 the file's update eager and under torch.compile (as the file's --compile wraps it), from the same initial weights,
 in round-robin rounds (so load on the shared machine hits all variants alike); the median over rounds is reported.
-Before timing, one update of the file's function and of the reference from the same seed must agree.
+Before timing, one update of the file's function and of the reference from the same seed must agree. References
+draw their random numbers in the file's order and shapes, except off2on.py's offline one, which is fed the file's
+noise tensors (drawn up front from the same generator state; `plain_off2on_offline_update` says why).
 
     python benchmark/speed.py --quick --out ''                  # debug: 3 short rounds, walker2d sizes, no report
     python benchmark/speed.py                                   # everything, writes results/speed.md
     python benchmark/speed.py --workloads cql_ft.py iql_ft.py --threads 1 --out results/speed_baselines.md
+    python benchmark/speed.py --quick --out '' --workloads off2on.py off2on-online --no-compile
 """
 
 from __future__ import annotations
@@ -43,8 +50,9 @@ import tyro
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"walker2d-n10": (17, 6, 10), "hopper-n50": (11, 3, 50)}  # obs_dim, act_dim, N of so2.py's workloads
 SO2_WORKLOADS = ("edac", "sac-n", "so2")
-BASELINES = ("edac.py", "cql_ft.py", "cal_ql.py", "td3bc_ft.py", "awac.py", "iql_ft.py")
-WORKLOADS = SO2_WORKLOADS + BASELINES
+BASELINES = ("edac.py", "cql_ft.py", "cal_ql.py", "td3bc_ft.py", "awac.py", "iql_ft.py", "off2on.py")
+ONLINE = {"off2on-online": "off2on.py"}  # online updates of a baseline file: workload -> file
+WORKLOADS = SO2_WORKLOADS + BASELINES + tuple(ONLINE)
 BASELINE_TASK = "walker2d-medium"  # the baselines' Args come from their parse_args for this task
 Batch = dict[str, torch.Tensor]
 
@@ -63,7 +71,8 @@ def algo(stem: str) -> ModuleType:
 class Config:
     workloads: tuple[Literal[WORKLOADS], ...] = WORKLOADS  # type: ignore[valid-type]
     """edac / sac-n: one so2.py offline update (eta 1 / 0); so2: one so2.py online env step's block of 10 + 10
-    updates; <file>.py: one offline step of that baseline file at walker2d-medium sizes"""
+    updates; <file>.py: one offline step of that baseline file at walker2d-medium sizes (off2on.py: its 5 CQL agents
+    at once); off2on-online: one off2on.py online update (weight net, priorities, SAC ensemble)"""
     sizes: tuple[Literal["walker2d-n10", "hopper-n50"], ...] = ("walker2d-n10", "hopper-n50")
     """problem sizes of so2.py's workloads (the baselines always run at walker2d-medium sizes)"""
     quick: bool = False  # debug run: 3 rounds of >= 0.3 s, 1 warm-up call, hopper-n50 skipped
@@ -84,7 +93,7 @@ class Spec:
     """What to build. The defaults are the benchmark's sizes; the tests shrink them."""
     obs_dim: int = 17
     act_dim: int = 6
-    n_critics: int | None = None  # ensemble size of so2.py / edac.py; None = the file's Args
+    n_critics: int | None = None  # ensemble size of so2.py / edac.py, agents E of off2on.py; None = the file's Args
     hidden: int | None = None  # width of the networks whose constructors take one; None = the file's (256)
     batch: int | None = None  # rows per batch; None = the file's offline batch (so2 block: its online batch)
     overrides: dict[str, Any] = field(default_factory=dict)  # Args fields to change (tests: fewer CQL samples)
@@ -155,8 +164,15 @@ def member_linears(critic: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]
     return [(layer.weight[i].T, layer.bias[i, 0]) for i in range(vec.n_critics) for layer in vec.layers]
 
 
-def plain_linears(critic: PlainCritic) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(m.weight, m.bias) for q in critic.qs for m in q if isinstance(m, nn.Linear)]
+def vectorized_members(module: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(weight [out, in], bias [out]) of every VectorizedLinear of a module, member by member, each member's layers in
+    registration order: the order of plain_linears over E separate copies of one member."""
+    layers = [m for m in module.modules() if type(m).__name__ == "VectorizedLinear"]
+    return [(layer.weight[i].T, layer.bias[i, 0]) for i in range(layers[0].weight.shape[0]) for layer in layers]
+
+
+def plain_linears(module: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(m.weight, m.bias) for m in module.modules() if isinstance(m, nn.Linear)]
 
 
 def plain_polyak(target: nn.Module, source: nn.Module, tau: float) -> None:
@@ -444,6 +460,171 @@ def plain_iql_update(actor, critic, target, value, args) -> Callable:
     return update
 
 
+class PlainTanhGaussianActor(nn.Module):
+    """One rlkit TanhGaussianPolicy: an nn.Sequential ReLU trunk, a mean head and a log-std head clamped to [-20, 2]."""
+
+    def __init__(self, dims: list[int], act_dim: int) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(*[m for i, o in zip(dims[:-1], dims[1:]) for m in (nn.Linear(i, o), nn.ReLU())])
+        self.mu, self.log_std = nn.Linear(dims[-1], act_dim), nn.Linear(dims[-1], act_dim)
+
+    def gaussian(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.trunk(obs)
+        return self.mu(x), self.log_std(x).clamp(-20.0, 2.0)
+
+    def forward(self, obs: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, log_std = self.gaussian(obs)
+        return tanh_normal(mean, log_std.exp(), eps)
+
+    @classmethod
+    @torch.no_grad()
+    def members(cls, actor: nn.Module) -> nn.ModuleList:
+        """Copies of every member of off2on.py's vectorised EnsembleActor, as E separate actors."""
+        dims = [actor.trunk[0].weight.shape[1]] + [layer.weight.shape[2] for layer in actor.trunk]
+        out = nn.ModuleList(cls(dims, actor.mu.weight.shape[2]) for _ in range(actor.n)).to(actor.mu.weight.device)
+        for (w, b), (pw, pb) in zip(vectorized_members(actor), plain_linears(out)):
+            pw.copy_(w)
+            pb.copy_(b)
+        return out
+
+
+def tanh_normal(mean: torch.Tensor, std: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """CORL's TransformedDistribution(Normal, TanhTransform) sample and log-density, at the standard normal draw eps."""
+    u = mean + std * eps
+    action = torch.tanh(u)
+    log_prob = torch.distributions.Normal(mean, std).log_prob(u).sum(-1)
+    return action, log_prob - torch.distributions.transforms.TanhTransform().log_abs_det_jacobian(u, action).sum(-1)
+
+
+def twin_critics(ensemble: PlainCritic) -> list[PlainCritic]:
+    """Agent i's own twin critics: Sequentials 2i and 2i + 1 of `ensemble` (shared, not copied), which stays as the
+    checks' view of all of them in off2on.py's member order."""
+    out = []
+    for i in range(len(ensemble.qs) // 2):
+        twins = PlainCritic([1, 1], 0)
+        twins.qs = nn.ModuleList(ensemble.qs[2 * i: 2 * i + 2])
+        out.append(twins)
+    return out
+
+
+def plain_off2on_offline_update(actors, critics, targets, log_alphas, args, act_dim: int) -> Callable:
+    """off2on.py's pretraining as E separate CORL CQL(H) agents (`ContinuousCQL.train` at cql_temp 1, no clipping, no
+    entropy in the target; rlkit actors), trained one after another in a Python loop, agent i on rows [i] of the
+    [E, B] batch with its own twin critics, actor, log alpha, and Adams (one per critic, as CORL).
+    Random draws: the file draws each kind of noise once for all members ([E, B, A] policy and target samples, then
+    [E, B, K, A] uniform actions, [E, B K, A] current and next policy samples). Agents drawing their own noise would
+    draw it agent by agent, in another order and in smaller pieces, which a generator does not turn into the same
+    numbers (CUDA's never; CPU's only for some sizes), so this reference is fed the same noise tensors: it draws those
+    five tensors up front from the same generator state, in the file's order and shapes, and hands agent i its slice
+    i (its samples are mean + std eps, CORL's TanhTransform log-density)."""
+    optims = [{"alpha": [torch.optim.Adam([log_alpha], lr=args.cql_policy_lr)],
+               "actor": [torch.optim.Adam(actor.parameters(), lr=args.cql_policy_lr)],
+               "critic": [torch.optim.Adam(q.parameters(), lr=args.qf_lr) for q in critic.qs]}
+              for actor, critic, log_alpha in zip(actors, critics, log_alphas)]
+    k, n = args.cql_n_actions, len(actors)
+    log_uniform = act_dim * math.log(0.5)
+
+    def update(batch):
+        e, b = batch["observations"].shape[:2]
+        device = batch["observations"].device
+        eps_pi, eps_next = (torch.randn(e, b, act_dim, device=device) for _ in range(2))
+        rand_actions = torch.rand(e, b, k, act_dim, device=device) * 2 - 1
+        eps_cur, eps_nxt = (torch.randn(e, b * k, act_dim, device=device).view(e, b, k, act_dim) for _ in range(2))
+        out = dict.fromkeys(("loss/critic", "loss/td", "loss/actor", "loss/alpha", "loss/cql_diff"), 0.0)
+        for i in range(n):
+            actor, critic, target, log_alpha = actors[i], critics[i], targets[i], log_alphas[i]
+            obs, actions, next_obs = batch["observations"][i], batch["actions"][i], batch["next_observations"][i]
+            pi, log_pi = actor(obs, eps_pi[i])
+            alpha_loss = -(log_alpha * (log_pi.detach() - act_dim)).mean()
+            alpha = log_alpha.exp().detach()
+            q_pi = critic(obs, pi)  # critic weight gradients too, thrown away by the critic's zero_grad (CORL)
+            actor_loss = (alpha * log_pi - torch.min(q_pi[0], q_pi[1])).mean()
+            with torch.no_grad():
+                next_pi, _ = actor(next_obs, eps_next[i])
+                q_next = target(next_obs, next_pi)
+                y = batch["rewards"][i] + args.gamma * (1 - batch["terminated"][i]) * torch.min(q_next[0], q_next[1])
+                cur_actions, cur_log_pi = actor(obs.unsqueeze(1).repeat(1, k, 1), eps_cur[i])
+                next_actions, next_log_pi = actor(next_obs.unsqueeze(1).repeat(1, k, 1), eps_nxt[i])
+            obs_k = obs.unsqueeze(1).repeat(1, k, 1)  # pi(s') actions are scored at s, as CORL
+            td_loss = critic_loss = 0.0
+            for j in range(2):
+                q_data = single(critic, j, obs, actions)
+                td = mse(q_data, y)
+                q_rand, q_cur, q_nxt = (single(critic, j, obs_k, a) for a in (rand_actions[i], cur_actions,
+                                                                               next_actions))
+                cat = torch.cat([q_rand - log_uniform, q_nxt - next_log_pi, q_cur - cur_log_pi], dim=1)
+                diff = (torch.logsumexp(cat, dim=1) - q_data).mean()
+                td_loss = td_loss + td
+                critic_loss = critic_loss + td + args.cql_alpha * diff
+                out["loss/cql_diff"] = out["loss/cql_diff"] + diff.detach() / (2 * n)
+            for loss, group in ((alpha_loss, "alpha"), (actor_loss, "actor"), (critic_loss, "critic")):
+                for optim in optims[i][group]:
+                    optim.zero_grad()
+                loss.backward()
+                for optim in optims[i][group]:
+                    optim.step()
+            plain_polyak(target, critic, args.tau)
+            for key, loss in (("loss/critic", critic_loss), ("loss/td", td_loss), ("loss/actor", actor_loss),
+                              ("loss/alpha", alpha_loss)):
+                out[key] = out[key] + loss.detach()
+        return out
+
+    return update
+
+
+def plain_off2on_online_update(actors, critics, targets, log_alpha, weight_net, args, act_dim: int) -> Callable:
+    """[O2O]'s online step (rlkit/torch/sac/ours.py) with the ensemble as E separate agents: the density-ratio
+    net's Jensen-Shannon loss on the offline and online batches, the RL batch's priorities w^(1/T) (before the
+    weight net's step), the fused policy (the E actors' Gaussians moment-matched, one sample shared by every agent)
+    maximising the mean over agents of min(Q1, Q2), each agent's twin critics regressed with plain SAC losses, one
+    Adam per network, per-agent Polyak. The file's two draws (policy at s, then at s') come in its order and shapes."""
+    weight_optim = torch.optim.Adam(weight_net.parameters(), lr=args.weight_net_lr)
+    actor_optims = [torch.optim.Adam(actor.parameters(), lr=args.policy_lr) for actor in actors]
+    critic_optims = [torch.optim.Adam(q.parameters(), lr=args.qf_lr) for critic in critics for q in critic.qs]
+    alpha_optim = torch.optim.Adam([log_alpha], lr=args.policy_lr)
+    t = args.temperature
+
+    def sample(obs):
+        mus, log_stds = zip(*(actor.gaussian(obs) for actor in actors))
+        mu, std = torch.stack(mus), torch.stack(log_stds).exp()
+        mean = mu.mean(0)
+        var = (mu.pow(2) + std.pow(2)).mean(0) - mean.pow(2)
+        std = var.clamp(min=math.exp(-40.0)).sqrt().clamp(max=math.exp(2.0))
+        return tanh_normal(mean, std, torch.randn_like(mean))
+
+    def update(batch):
+        w_off = weight_net(batch["offline_observations"], batch["offline_actions"])
+        w_on = weight_net(batch["online_observations"], batch["online_actions"])
+        weight_loss = -torch.log(2 / (w_off + 1) + 1e-10).mean() - torch.log(2 * w_on / (w_on + 1) + 1e-10).mean()
+        obs, actions, next_obs = batch["observations"], batch["actions"], batch["next_observations"]
+        pi, log_pi = sample(obs)
+        alpha_loss = -(log_alpha * (log_pi.detach() - act_dim)).mean()
+        alpha = log_alpha.exp().detach()
+        q_pi = torch.stack([torch.min(single(c, 0, obs, pi), single(c, 1, obs, pi)) for c in critics]).mean(0)
+        actor_loss = (alpha * log_pi - q_pi).mean()
+        with torch.no_grad():
+            next_pi, next_log_pi = sample(next_obs)
+            ys = [batch["rewards"] + args.gamma * (1 - batch["terminated"]) * (
+                torch.min(single(tq, 0, next_obs, next_pi), single(tq, 1, next_obs, next_pi)) - alpha * next_log_pi)
+                for tq in targets]
+            priority = (weight_net(obs, actions).pow(1 / t) / (w_off.pow(1 / t).mean() + 1e-10)).clamp(1e-3, 1e3)
+        critic_loss = sum(mse(single(c, j, obs, actions), y) for c, y in zip(critics, ys) for j in range(2))
+        for loss, group in ((weight_loss, [weight_optim]), (alpha_loss, [alpha_optim]), (actor_loss, actor_optims),
+                            (critic_loss, critic_optims)):
+            for optim in group:
+                optim.zero_grad()
+            loss.backward()
+            for optim in group:
+                optim.step()
+        for target, critic in zip(targets, critics):
+            plain_polyak(target, critic, args.tau)
+        return {"loss/weight": weight_loss.detach(), "loss/alpha": alpha_loss.detach(),
+                "loss/actor": actor_loss.detach(), "loss/critic": critic_loss.detach(),
+                "priority/mean": priority.mean(), "priority/max": priority.max()}
+
+    return update
+
+
 # ---- workloads
 def make_batch(lead: tuple[int, ...], obs_dim, act_dim, device, gen) -> dict[str, torch.Tensor]:
     r = lambda *s: torch.randn(*lead, *s, generator=gen)  # noqa: E731
@@ -714,12 +895,80 @@ def build_iql(spec: Spec) -> Setup:
                  f"lr step) at batch {rows}")
 
 
+def build_off2on(phase: Literal["offline", "online"], spec: Spec) -> Setup:
+    m = algo("off2on")
+    online = phase == "online"
+    device, (obs_dim, act_dim) = torch.device(spec.device), (spec.obs_dim, spec.act_dim)
+    args = file_args(m, spec, **({} if spec.n_critics is None else {"ensemble_size": spec.n_critics}),
+                     **({} if spec.hidden is None else {"hidden_dim": spec.hidden}))
+    gen = torch.Generator().manual_seed(spec.seed)
+    torch.manual_seed(spec.seed)
+    e, h = args.ensemble_size, args.hidden_dim
+    critic = m.VectorizedCritic(obs_dim, act_dim, 2 * e, h, n_layers=2, edac_init=False).to(device)  # as main()
+    m.init_critic(critic)
+    target = m.VectorizedCritic(obs_dim, act_dim, 2 * e, h, n_layers=2, edac_init=False).to(device)
+    target.load_state_dict(critic.state_dict())
+    zeros = functools.partial(torch.zeros, device=device, requires_grad=True)
+    agent = m.Agent(m.EnsembleActor(obs_dim, act_dim, e, h).to(device), critic, target, zeros(e), zeros(()),
+                    m.DensityRatio(obs_dim, act_dim, h).to(device))
+    rows = spec.batch or args.batch_size
+    twin = copy.deepcopy(agent)
+    actors, view, target_view = (PlainTanhGaussianActor.members(agent.actor), PlainCritic.like(critic),
+                                 PlainCritic.like(target))
+    nets = [("actor", agent.actor, actors), ("critic", critic, view), ("critic_target", target, target_view)]
+    fa, fc = forward_flops(agent.actor, rows), forward_flops(critic, rows)
+    if not online:
+        batch = make_batch((e, rows), obs_dim, act_dim, device, gen)  # member_batches: one minibatch per member
+        log_alphas = [agent.log_alpha[i].detach().clone().requires_grad_(True) for i in range(e)]
+        plain = plain_off2on_offline_update(actors, twin_critics(view), twin_critics(target_view), log_alphas, args,
+                                            act_dim)
+        ours = m.make_update_fns(agent, args, act_dim)[0]
+        compiled = m.make_update_fns(twin, args, act_dim)[0]
+        k = args.cql_n_actions
+        return Setup("off2on.py", ours, plain, torch.compile(compiled) if spec.compile else None, batch,
+                     {key: v[0] for key, v in batch.items()}, nets,
+                     (4 + 2 * k) * fa + (6 + 9 * k) * fc, f"(4 + 2K) Fa + (6 + 9K) Fc, K = {k}",
+                     f"one offline step of {e} independent CQL agents (penalty alpha {args.cql_alpha:g}, {k} + {k} + "
+                     f"{k} sampled actions per state), each on its own batch of {rows}, twin critics each")
+
+    # the state at the switch (main()): fresh Adams, online alpha 1, targets equal to the critics
+    wrows = spec.batch or args.weight_net_batch_size
+    batch = make_batch((rows,), obs_dim, act_dim, device, gen)
+    for source in ("offline", "online"):  # the weight net's uniform batches from the dataset and the online buffer
+        extra = make_batch((wrows,), obs_dim, act_dim, device, gen)
+        batch.update({f"{source}_observations": extra["observations"], f"{source}_actions": extra["actions"]})
+    weight_net = copy.deepcopy(agent.weight_net)
+    plain = plain_off2on_online_update(actors, twin_critics(view), twin_critics(target_view),
+                                       agent.online_log_alpha.detach().clone().requires_grad_(True), weight_net, args,
+                                       act_dim)
+
+    def online_step(update: Callable) -> Callable:
+        """The file's online_update on the three batches of train_online's `updates` (the sum-tree write after it
+        is not part of the call)."""
+        def call(b):
+            metrics, priority = update({"observations": b["offline_observations"], "actions": b["offline_actions"]},
+                                       {"observations": b["online_observations"], "actions": b["online_actions"]}, b)
+            return {**metrics, "priority/max": priority.max()}
+        return call
+
+    fw, fw_rl = forward_flops(agent.weight_net, wrows), forward_flops(agent.weight_net, rows)
+    compiled = m.make_update_fns(twin, args, act_dim)[1]
+    return Setup("off2on.py", online_step(m.make_update_fns(agent, args, act_dim)[1]), plain,
+                 online_step(torch.compile(compiled)) if spec.compile else None, batch, batch,
+                 nets + [("weight_net", agent.weight_net, weight_net)],
+                 4 * fa + 6 * fc + 6 * fw + fw_rl, "4Fa + 6Fc + 6Fw + Fw(RL batch), Fw at the weight-net batch",
+                 f"one online update: density-ratio net (2 x {wrows} rows), RL batch priorities, SAC on the fused "
+                 f"policy of {e} actors and {e} twin critics (temperature, actor, critics, Polyak) at batch {rows}")
+
+
 def build(workload: str, spec: Spec) -> Setup:
     if workload in SO2_WORKLOADS:
         return build_so2(workload, spec)
     builders = {"edac.py": build_edac, "cql_ft.py": functools.partial(build_cql, "cql_ft"),
                 "cal_ql.py": functools.partial(build_cql, "cal_ql"), "td3bc_ft.py": build_td3bc,
-                "awac.py": build_awac, "iql_ft.py": build_iql}
+                "awac.py": build_awac, "iql_ft.py": build_iql,
+                "off2on.py": functools.partial(build_off2on, "offline"),
+                "off2on-online": functools.partial(build_off2on, "online")}
     return builders[workload](spec)
 
 
@@ -761,6 +1010,8 @@ def max_abs(pairs) -> float:
 def param_pairs(ours: nn.Module, ref: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
     if isinstance(ref, PlainCritic):
         return [(x, y) for p, q in zip(member_linears(ours), plain_linears(ref)) for x, y in zip(p, q)]
+    if isinstance(ref, nn.ModuleList):  # off2on.py's vectorised actor against E separate actors
+        return [(x, y) for p, q in zip(vectorized_members(ours), plain_linears(ref)) for x, y in zip(p, q)]
     return list(zip(ours.parameters(), ref.parameters()))
 
 
@@ -851,16 +1102,17 @@ def run_workload(cfg: Config, workload: str, spec: Spec, device) -> tuple[list[V
 
 
 def jobs(cfg: Config) -> list[tuple[str, str, Spec]]:
-    """(label, workload, spec) in run order: so2.py's workloads per size, then the baselines at walker2d sizes."""
+    """(label, workload, spec) in run order: so2.py's workloads per size, then the baselines (and off2on-online) at
+    walker2d sizes."""
     sizes = [s for s in cfg.sizes if not (cfg.quick and s == "hopper-n50")]
     common = dict(device=cfg.device, seed=cfg.seed, compile=cfg.compile)
     out = [(f"{size} {w}", w, Spec(*SIZES[size], **common)) for size in sizes for w in cfg.workloads
            if w in SO2_WORKLOADS]
-    return out + [(f"walker2d {w}", w, Spec(17, 6, **common)) for w in cfg.workloads if w in BASELINES]
+    return out + [(f"walker2d {w}", w, Spec(17, 6, **common)) for w in cfg.workloads if w not in SO2_WORKLOADS]
 
 
 def build_file(workload: str) -> str:
-    return "so2.py" if workload in SO2_WORKLOADS else workload
+    return "so2.py" if workload in SO2_WORKLOADS else ONLINE.get(workload, workload)
 
 
 def main(cfg: Config) -> None:
@@ -955,8 +1207,10 @@ def write_report(cfg, info, rates, rows, checks_md, flops_md, ratios, load, elap
         "**Plain references.** One `nn.Sequential` per critic called in a Python loop (twin critics as two modules, "
         "one Adam each, as CORL), losses written as CORL writes them (separate backward passes, critic weight "
         "gradients computed in the actor loss and thrown away, `F.mse_loss`, `torch.distributions.Normal` "
-        "log-likelihoods), per-parameter Polyak. Actors (and IQL's V) are deep copies of the file's own modules. "
-        "Random numbers are drawn in the file's order.", "",
+        "log-likelihoods), per-parameter Polyak. Actors (and IQL's V) are deep copies of the file's own modules; "
+        "off2on.py's vectorised ensemble becomes E separate agents (rlkit actors, twin Sequentials, a log alpha and "
+        "Adams each) in a Python loop. Random numbers are drawn in the file's order (off2on.py offline: the "
+        "reference draws the file's [E, ...] noise tensors up front and hands agent i its slice).", "",
         "**FLOP model.** Fa, Fc, Fv = forward FLOPs of the actor, the whole critic ensemble and V at the call's batch "
         "(2 x multiply-adds of every linear layer x rows). A backward counts 2x its forward, an input-only one "
         "(actor loss through frozen critics) 1x. The count is the work the method needs (e.g. EDAC's diversity term "

@@ -16,10 +16,10 @@ sys.modules[spec.name] = speed
 spec.loader.exec_module(speed)
 
 # Small enough for a 2-core CPU: cql_ft/cal_ql and td3bc_ft fix their critics' width at 256, so there only the
-# batch and the number of penalty samples shrink.
+# batch and the number of penalty samples shrink. off2on.py's ensemble is E = n_critics = 3 agents.
 TINY = dict(obs_dim=5, act_dim=2, n_critics=3, hidden=32, batch=16)
 OVERRIDES = {"so2": {"utd_ratio": 2, "actor_updates_per_step": 2}, "cql_ft.py": {"cql_n_actions": 3},
-             "cal_ql.py": {"cql_n_actions": 3}}
+             "cal_ql.py": {"cql_n_actions": 3}, "off2on.py": {"cql_n_actions": 3}}
 
 
 @pytest.fixture(autouse=True)
