@@ -71,7 +71,8 @@ PRESETS = {
     "smoke": Preset(
         name="smoke", tasks=("hopper-random",), seeds=(0,), data="rebuilt",
         reduces="everything: a 2,000-step uniform-random hopper dataset built for the run, 20 offline gradient steps, "
-                "200 online env steps, width-16 networks, N = 2 critics, batches of 16, 1 evaluation episode",
+                "200 online env steps, width-16 networks, N = 2 critics (Off2On: 2 agents, 100-step epochs), batches "
+                "of 16, 1 evaluation episode",
         common=("--offline-steps", "20", "--online-steps", "200", "--offline-eval-every", "10", "--eval-every",
                 "100", *_SMALL_EVAL, "--checkpoint-every", "50", "--log-every", "50", "--hidden-dim", "16"),
         flags={"so2": ("--n-critics", "2", "--batch-size", "16", "--online-batch-size", "32", "--warmup-steps", "50",
@@ -82,6 +83,9 @@ PRESETS = {
                "td3bc_ft": ("--batch-size", "16"),
                "awac": ("--batch-size", "16", "--offline-batch-size", "16", "--warmup-steps", "50"),
                "iql_ft": ("--batch-size", "16"),
+               "off2on": ("--ensemble-size", "2", "--batch-size", "16", "--weight-net-batch-size", "16",
+                          "--cql-n-actions", "2", "--epoch-steps", "100", "--first-epoch-multiplier", "2"),
+               "aca": ("--batch-size", "16"),
                "sac": ("--batch-size", "16", "--learning-starts", "50")},
         build_data=("--steps", "2000")),
     # Budgets from per-step rates measured on 2026-12-03 (2-core Intel Xeon, 1 thread, a SAC run on the other core;
@@ -89,18 +93,22 @@ PRESETS = {
     # offline steps/s so2 (EDAC, N 10) 34, cql_ft 20, cal_ql 12, td3bc_ft 167, iql_ft 102, awac 113; online env
     # steps/s so2 (UTD 10, batch 256) 6.8, edac 34, cql_ft 18, cal_ql 9, td3bc_ft 142, iql_ft 88, awac 65. That
     # puts the grid near 12 core-hours with evaluation and loading: a first calibration, to be measured whole.
+    # off2on.py (5 CQL agents) measured 4.5-5 offline steps/s and aca.py 37-39 under a heavier load (2 grid runs and
+    # tests beside it): five agents would cost about 5 core-hours on their own, so the grid pretrains 2.
     "cpu": Preset(
         name="cpu", tasks=("hopper-medium", "hopper-medium-replay", "halfcheetah-random"), seeds=(0, 1, 2),
         data="rebuilt",
         reduces="10,000 offline gradient steps (protocol: 1M-3M), 5,000 online env steps (100,000), width-64 networks "
                 "(256), N = 10 critics for SO2 and EDAC (hopper: 50), SO2's online batch 256 (2,560) and warm-up 1,000 "
-                "(5,000), SAC's learning start 1,000 (5,000), 5 evaluation episodes (10) every 2,500 offline gradient "
-                "steps (10,000) and every 1,000 online env steps; datasets rebuilt on this machine",
+                "(5,000), SAC's learning start 1,000 (5,000), Off2On's ensemble of 2 CQL agents (5), 5 evaluation "
+                "episodes (10) every 2,500 offline gradient steps (10,000) and every 1,000 online env steps; datasets "
+                "rebuilt on this machine",
         common=("--offline-steps", "10000", "--online-steps", "5000", "--offline-eval-every", "2500", "--eval-every",
                 "1000", "--eval-episodes", "5", "--checkpoint-every", "2500", "--log-every", "500", "--hidden-dim",
                 "64"),
         flags={"so2": ("--n-critics", "10", "--online-batch-size", "256", "--warmup-steps", "1000"),
                "edac": ("--n-critics", "10"),
+               "off2on": ("--ensemble-size", "2"),
                "sac": ("--learning-starts", "1000")}),
     "paper": Preset(
         name="paper", seeds=(0, 1, 2, 3), data="d4rl",
