@@ -12,11 +12,13 @@ task of its environment.
 
 Writes into `--out`:
 - `README.md`: the SO2 paper's table layout (offline score -> online score, mean +- std over seeds, per dataset, and
-  averaged over the datasets for the methods that completed every dataset with every seed), the paper's published numbers beside ours, rliable's IQM and
-  optimality gap with 95% stratified-bootstrap intervals and the probability that SO2 improves on each method, the
-  Q diagnostics at the last evaluation, and the run directories behind every cell. A hand-written section starting
-  with `## Reading` is kept when the report is rewritten.
+  averaged over the datasets for the methods that completed every dataset with every seed), the paper's published
+  numbers beside ours, rliable's IQM and optimality gap with 95% stratified-bootstrap intervals and the probability
+  that SO2 improves on each method, the Q diagnostics at the last evaluation, and the run directories behind every
+  cell. A hand-written section starting with `## Reading` is kept when the report is rewritten.
 - `curves_<task>.png`: normalised score against online env steps, mean over seeds with a 95% bootstrap band.
+- `offline_online_<task>.png`: the same runs' pretraining (score against gradient steps, from the evaluations of the
+  run whose `offline.pt` each fine-tuning run started from) beside their online curves.
 - `q_<task>.png`: the SO2 paper's Figure 1 panels: normalised Q difference relative to SAC (the method's minus SAC's
   at the same env step, SAC averaged over seeds and interpolated) and Kendall's tau, against online env steps.
 - with `--copy-logs`: `runs/`, the text outputs of every run below `--runs-dir` (each run directory's
@@ -77,6 +79,11 @@ class Run:
     online_steps: int
     rows: list[dict] = field(default_factory=list)
     args: dict = field(default_factory=dict)
+    pretraining: list[dict] = field(default_factory=list)  # offline evaluations of its --offline-checkpoint's run
+
+    @property
+    def offline(self) -> list[dict]:
+        return self.pretraining or [r for r in self.rows if r.get("phase") == "offline"]
 
     @property
     def online(self) -> list[dict]:
@@ -110,9 +117,24 @@ def read_runs(runs_dir: Path) -> list[Run]:
             continue
         if args.get("online_steps", 0) == 0:  # a pretraining run
             continue
-        runs.append(Run(config_path.parent, config["algo"], args["env_id"], int(args["seed"]),
-                        int(args["online_steps"]), rows, args))
+        runs.append(Run(config_path.parent, config["algo"], args["env_id"], int(args["seed"]), int(args["online_steps"]),
+                        rows, args, pretraining_rows(runs_dir, args.get("offline_checkpoint"))))
     return runs
+
+
+def pretraining_rows(runs_dir: Path, checkpoint: str | None) -> list[dict]:
+    """The offline evaluations of the run whose offline.pt a fine-tuning run started from. The path was written where
+    the grid ran; if the grid was moved (or copied into results/), the same path below `runs_dir` is tried."""
+    if not checkpoint:
+        return []
+    run_dir = Path(checkpoint).parent
+    if not run_dir.is_dir() and runs_dir.name in run_dir.parts:
+        run_dir = runs_dir.joinpath(*run_dir.parts[len(run_dir.parts) - run_dir.parts[::-1].index(runs_dir.name):])
+    try:
+        lines = (run_dir / "eval.jsonl").read_text().splitlines()
+        return [row for ln in lines if ln.strip() and (row := json.loads(ln)).get("phase") == "offline"]
+    except (OSError, json.JSONDecodeError):
+        return []
 
 
 def family(task: str) -> str:
@@ -327,6 +349,33 @@ class Report:
             fig.savefig(self.out / f"q_{task}.png", dpi=110)
             plt.close(fig)
             written.append(f"q_{task}.png")
+
+            pretrained = {m: runs for m, runs in have.items() if all(r.offline for r in runs)}
+            if pretrained:
+                fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+                for m, runs in have.items():
+                    line = None
+                    if m in pretrained:
+                        steps = sorted(set.intersection(*({r["grad_step"] for r in run.offline} for run in runs)))
+                        values = np.array([[next(r["normalized_score"] for r in run.offline if r["grad_step"] == g)
+                                            for g in steps] for run in runs], dtype=float)
+                        lo, hi = bootstrap_band(values)
+                        (line,) = ax1.plot(steps, values.mean(axis=0), label=METHOD_NAMES.get(m, m))
+                        ax1.fill_between(steps, lo, hi, alpha=0.2, color=line.get_color())
+                    steps, values = aligned(runs, "normalized_score")
+                    lo, hi = bootstrap_band(values)
+                    color = None if line is None else line.get_color()
+                    (line,) = ax2.plot(steps, values.mean(axis=0), color=color,
+                                       label=f"{METHOD_NAMES.get(m, m)} ({len(runs)})")
+                    ax2.fill_between(steps, lo, hi, alpha=0.2, color=line.get_color())
+                ax1.set(xlabel="offline gradient steps", ylabel="normalised score", title="offline (pretraining)")
+                ax2.set(xlabel="online env steps", title="online (fine-tuning)")
+                ax2.legend(fontsize=7)
+                fig.suptitle(f"{task} ({self.title}): mean over seeds, 95% bootstrap band")
+                fig.tight_layout()
+                fig.savefig(self.out / f"offline_online_{task}.png", dpi=110)
+                plt.close(fig)
+                written.append(f"offline_online_{task}.png")
         return written
 
     # Flags that may differ between the runs of one method without making them different experiments.

@@ -155,3 +155,23 @@ def test_copy_logs_carries_text_outputs_not_checkpoints(grid, tmp_path):
     assert (copied / "config.json").is_file() and (copied.parent / "log.txt").read_text() == "the job's log\n"
     assert (out / "runs" / "preset.json").is_file() and not list((out / "runs").rglob("*.pt"))
     assert (out / "README.md").is_file()
+
+
+def test_offline_curves_come_from_the_pretraining_run_even_when_the_grid_moved(grid, tmp_path):
+    pre = next((grid / "pretrain/so2/hopper-medium/seed0").glob("so2__*"))
+    with open(pre / "eval.jsonl", "a") as f:
+        f.write(json.dumps({"phase": "offline", "env_step": 0, "grad_step": 20, "normalized_score": 7.0}) + "\n")
+    where_it_ran = Path("/gone/benchmark") / grid.name / pre.relative_to(grid) / "offline.pt"
+    for seed in SEEDS:
+        config = next((grid / "finetune/so2/hopper-medium" / f"seed{seed}").glob("so2__*")) / "config.json"
+        saved = json.loads(config.read_text())
+        saved["args"]["offline_checkpoint"] = str(where_it_ran)
+        config.write_text(json.dumps(saved))
+    r = make(grid, tmp_path)
+    so2 = r.complete("so2", "hopper-medium")
+    assert [[(row["grad_step"], row["normalized_score"]) for row in run.offline] for run in so2] == \
+        [[(10, -99.0), (20, 7.0)]] * 3
+    # a run that pretrained in its own process keeps its own offline rows
+    assert [[row["grad_step"] for row in run.offline] for run in r.complete("edac", "hopper-medium")] == [[10]] * 2
+    r.write("test")
+    assert (r.out / "offline_online_hopper-medium.png").stat().st_size > 1000
