@@ -21,9 +21,10 @@ Writes into `--out`:
   run whose `offline.pt` each fine-tuning run started from) beside their online curves.
 - `q_<task>.png`: the SO2 paper's Figure 1 panels: normalised Q difference relative to SAC (the method's minus SAC's
   at the same env step, SAC averaged over seeds and interpolated) and Kendall's tau, against online env steps.
-- with `--copy-logs`: `runs/`, the text outputs of every run below `--runs-dir` (each run directory's
-  `config.json`, `eval.jsonl` and TensorBoard events; each job folder's `log.txt` and `status.json`), pretraining runs
-  included, in the same folders, so that the committed report carries the logs it came from (checkpoints are left).
+- with `--copy-logs`: `runs/`, the text outputs of the runs in the report and of the runs they were pretrained in
+  (each run directory's `config.json`, `eval.jsonl` and TensorBoard events; each job folder's `log.txt` and
+  `status.json`), in the same folders, so that the committed report carries the logs it came from (checkpoints are
+  left). `--algos` and `--tasks` narrow the report (and the copy) to some methods and datasets.
 Std is numpy's (ddof 0) over seeds.
 """
 
@@ -79,7 +80,8 @@ class Run:
     online_steps: int
     rows: list[dict] = field(default_factory=list)
     args: dict = field(default_factory=dict)
-    pretraining: list[dict] = field(default_factory=list)  # offline evaluations of its --offline-checkpoint's run
+    pretraining_dir: Path | None = None  # the run its --offline-checkpoint came from
+    pretraining: list[dict] = field(default_factory=list)  # that run's offline evaluations
 
     @property
     def offline(self) -> list[dict]:
@@ -117,19 +119,24 @@ def read_runs(runs_dir: Path) -> list[Run]:
             continue
         if args.get("online_steps", 0) == 0:  # a pretraining run
             continue
-        runs.append(Run(config_path.parent, config["algo"], args["env_id"], int(args["seed"]), int(args["online_steps"]),
-                        rows, args, pretraining_rows(runs_dir, args.get("offline_checkpoint"))))
+        pre = pretraining_dir(runs_dir, args.get("offline_checkpoint"))
+        runs.append(Run(config_path.parent, config["algo"], args["env_id"], int(args["seed"]),
+                        int(args["online_steps"]), rows, args, pre, offline_rows(pre) if pre else []))
     return runs
 
 
-def pretraining_rows(runs_dir: Path, checkpoint: str | None) -> list[dict]:
-    """The offline evaluations of the run whose offline.pt a fine-tuning run started from. The path was written where
-    the grid ran; if the grid was moved (or copied into results/), the same path below `runs_dir` is tried."""
+def pretraining_dir(runs_dir: Path, checkpoint: str | None) -> Path | None:
+    """The run whose offline.pt a fine-tuning run started from. The path was written where the grid ran; if the grid
+    was moved (or copied into results/), the same path below `runs_dir` is tried."""
     if not checkpoint:
-        return []
+        return None
     run_dir = Path(checkpoint).parent
     if not run_dir.is_dir() and runs_dir.name in run_dir.parts:
         run_dir = runs_dir.joinpath(*run_dir.parts[len(run_dir.parts) - run_dir.parts[::-1].index(runs_dir.name):])
+    return run_dir if run_dir.is_dir() else None
+
+
+def offline_rows(run_dir: Path) -> list[dict]:
     try:
         lines = (run_dir / "eval.jsonl").read_text().splitlines()
         return [row for ln in lines if ln.strip() and (row := json.loads(ln)).get("phase") == "offline"]
@@ -444,15 +451,22 @@ class Report:
 LOG_FILES = ("config.json", "eval.jsonl", "log.txt", "status.json", "preset.json")
 
 
-def copy_logs(runs_dir: Path, dest: Path) -> int:
-    """Copy the grid's text outputs (not its checkpoints) below `dest`, keeping their relative paths."""
+def copy_logs(runs_dir: Path, runs: list[Run], dest: Path) -> int:
+    """Copy the text outputs (not the checkpoints) of these runs, of the runs they were pretrained in and of their job
+    folders below `dest`, keeping their paths relative to `runs_dir`."""
+    folders = {runs_dir}
+    for run in runs:
+        for d in (run.path, run.pretraining_dir):
+            if d is not None and d.is_relative_to(runs_dir):
+                folders |= {d, d.parent}
     n = 0
-    for src in sorted(runs_dir.rglob("*")):
-        if src.is_file() and (src.name in LOG_FILES or src.name.startswith("events.out.tfevents.")):
-            target = dest / src.relative_to(runs_dir)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, target)
-            n += 1
+    for folder in sorted(folders):
+        for src in sorted(folder.iterdir()):
+            if src.is_file() and (src.name in LOG_FILES or src.name.startswith("events.out.tfevents.")):
+                target = dest / src.relative_to(runs_dir)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, target)
+                n += 1
     return n
 
 
@@ -464,6 +478,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", help="output folder (default results/<preset>)")
     parser.add_argument("--title", help="report title (default: the preset's name)")
     parser.add_argument("--copy-logs", action="store_true", help="copy the runs' text outputs into <out>/runs/")
+    parser.add_argument("--algos", nargs="+", help="only these methods (sac included only if named)")
+    parser.add_argument("--tasks", nargs="+", help="only these tasks")
     args = parser.parse_args(argv)
     if not args.preset and not args.runs_dir:
         parser.error("give --preset (a benchmark/run_all.py grid) or --runs-dir")
@@ -474,15 +490,23 @@ def main(argv: list[str] | None = None) -> None:
     preset_file = runs_dir / "preset.json"
     preset = json.loads(preset_file.read_text()) if preset_file.is_file() else {}
     runs = read_runs(runs_dir)
+    if args.algos:
+        runs = [r for r in runs if r.algo in args.algos]
+        preset["algos"] = [a for a in preset.get("algos", args.algos) if a in args.algos]
+    if args.tasks:
+        runs = [r for r in runs if r.task in args.tasks or (r.algo == "sac" and
+                                                             family(r.task) in {family(t) for t in args.tasks})]
+        preset["tasks"] = list(args.tasks)
     if not runs:
-        raise SystemExit(f"error: no fine-tuning or SAC run directories below {runs_dir}")
+        raise SystemExit(f"error: no fine-tuning or SAC run directories below {runs_dir}"
+                         + (" for these --algos / --tasks" if args.algos or args.tasks else ""))
     name = args.preset or runs_dir.name
     out = Path(args.out or ROOT / "results" / name)
     report = Report(runs_dir, out, args.title or name, preset, runs)
     command = "python benchmark/report.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     print(f"wrote {report.write(command.strip())}")
     if args.copy_logs:
-        print(f"copied {copy_logs(runs_dir, out / 'runs')} log files into {out / 'runs'}")
+        print(f"copied {copy_logs(runs_dir, runs, out / 'runs')} log files into {out / 'runs'}")
 
 
 if __name__ == "__main__":

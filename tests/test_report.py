@@ -155,6 +155,19 @@ def test_copy_logs_carries_text_outputs_not_checkpoints(grid, tmp_path):
     assert (copied / "config.json").is_file() and (copied.parent / "log.txt").read_text() == "the job's log\n"
     assert (out / "runs" / "preset.json").is_file() and not list((out / "runs").rglob("*.pt"))
     assert (out / "README.md").is_file()
+    assert not (out / "runs" / "pretrain").exists()  # no fine-tuning run here started from those
+
+
+def test_algos_and_tasks_narrow_the_report_and_the_copy(grid, tmp_path):
+    out = tmp_path / "narrow"
+    report.main(["--runs-dir", str(grid), "--out", str(out), "--algos", "so2", "sac", "--tasks", "hopper-medium",
+                 "--copy-logs"])
+    text = (out / "README.md").read_text()
+    assert "| SO2 |" in text and "EDAC" not in text and "halfcheetah-random" not in text
+    copied = {p.relative_to(out / "runs").parts[:3] for p in (out / "runs").rglob("eval.jsonl")}
+    assert copied == {("finetune", "so2", "hopper-medium"), ("online", "sac", "hopper")}
+    with pytest.raises(SystemExit, match="for these --algos / --tasks"):
+        report.main(["--runs-dir", str(grid), "--out", str(out), "--algos", "aca"])
 
 
 def test_offline_curves_come_from_the_pretraining_run_even_when_the_grid_moved(grid, tmp_path):
@@ -175,3 +188,5 @@ def test_offline_curves_come_from_the_pretraining_run_even_when_the_grid_moved(g
     assert [[row["grad_step"] for row in run.offline] for run in r.complete("edac", "hopper-medium")] == [[10]] * 2
     r.write("test")
     assert (r.out / "offline_online_hopper-medium.png").stat().st_size > 1000
+    report.copy_logs(grid, so2, tmp_path / "copy")
+    assert (tmp_path / "copy" / pre.relative_to(grid) / "eval.jsonl").read_text() == (pre / "eval.jsonl").read_text()
