@@ -5,23 +5,29 @@ Workloads:
   online block for one env step (`so2`: utd_ratio critic steps + actor_updates_per_step actor steps at batch 2560),
   for walker2d (obs 17, act 6, N 10) and hopper (obs 11, act 3, N 50).
 - one offline step of every baseline file (`edac.py`, `cql_ft.py`, `cal_ql.py`, `td3bc_ft.py`, `awac.py`,
-  `iql_ft.py`, `off2on.py`), built as that file's main() builds it, with its Args for walker2d-medium (obs 17, act 6)
-  and its offline batch size. td3bc_ft.py's call is one policy_freq cycle (2 critic steps, then 1 actor step +
-  Polyak); off2on.py's is one step of its E = 5 CQL agents trained as one vectorised ensemble, each on its own batch,
-  against E separate agents (own twin Sequentials, actor, log alpha and Adams) in a Python loop.
+  `iql_ft.py`, `off2on.py`, `aca.py`), built as that file's main() builds it, with its Args for walker2d-medium
+  (obs 17, act 6) and its offline batch size. td3bc_ft.py's call is one policy_freq cycle (2 critic steps, then 1
+  actor step + Polyak); off2on.py's is one step of its E = 5 CQL agents trained as one vectorised ensemble, each on its
+  own batch, against E separate agents (own twin Sequentials, actor, log alpha and Adams) in a Python loop; aca.py's
+  is one SAC+ML step with its twin critics and twin baselines Z(s) (temperature, critic, baseline, actor, Polyak).
 - `off2on-online`: one online update of off2on.py (density-ratio net, the RL batch's priorities, SAC on the
   moment-matched policy and the pessimistic ensemble of E twin critics), from the state at the switch.
+- `aca-online`: one online update of aca.py (SAC on Q = R + C(log pi_0): temperature, R critics, actor with its
+  gradient-norm clip, Polyak, w annealing), from the state after its alignment step; the reference aligns its own
+  copies (R from its Z Sequentials, pi_0 a frozen copy of its actor).
 Each workload times the plain reference (one nn.Sequential per critic, Python loops over critics and parameters),
 the file's update eager and under torch.compile (as the file's --compile wraps it), from the same initial weights,
 in round-robin rounds (so load on the shared machine hits all variants alike); the median over rounds is reported.
 Before timing, one update of the file's function and of the reference from the same seed must agree. References
-draw their random numbers in the file's order and shapes, except off2on.py's offline one, which is fed the file's
-noise tensors (drawn up front from the same generator state; `plain_off2on_offline_update` says why).
+draw their random numbers in the file's order and shapes (aca.py's: a fresh policy sample per loss, drawn by the
+reference itself at the same points), except off2on.py's offline one, which is fed the file's noise tensors (drawn up
+front from the same generator state; `plain_off2on_offline_update` says why).
 
     python benchmark/speed.py --quick --out ''                  # debug: 3 short rounds, walker2d sizes, no report
     python benchmark/speed.py                                   # everything, writes results/speed.md
     python benchmark/speed.py --workloads cql_ft.py iql_ft.py --threads 1 --out results/speed_baselines.md
     python benchmark/speed.py --quick --out '' --workloads off2on.py off2on-online --no-compile
+    python benchmark/speed.py --quick --out '' --workloads aca.py aca-online --no-compile
 """
 
 from __future__ import annotations
@@ -50,8 +56,8 @@ import tyro
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"walker2d-n10": (17, 6, 10), "hopper-n50": (11, 3, 50)}  # obs_dim, act_dim, N of so2.py's workloads
 SO2_WORKLOADS = ("edac", "sac-n", "so2")
-BASELINES = ("edac.py", "cql_ft.py", "cal_ql.py", "td3bc_ft.py", "awac.py", "iql_ft.py", "off2on.py")
-ONLINE = {"off2on-online": "off2on.py"}  # online updates of a baseline file: workload -> file
+BASELINES = ("edac.py", "cql_ft.py", "cal_ql.py", "td3bc_ft.py", "awac.py", "iql_ft.py", "off2on.py", "aca.py")
+ONLINE = {"off2on-online": "off2on.py", "aca-online": "aca.py"}  # online updates of a baseline file: workload -> file
 WORKLOADS = SO2_WORKLOADS + BASELINES + tuple(ONLINE)
 BASELINE_TASK = "walker2d-medium"  # the baselines' Args come from their parse_args for this task
 Batch = dict[str, torch.Tensor]
@@ -72,7 +78,8 @@ class Config:
     workloads: tuple[Literal[WORKLOADS], ...] = WORKLOADS  # type: ignore[valid-type]
     """edac / sac-n: one so2.py offline update (eta 1 / 0); so2: one so2.py online env step's block of 10 + 10
     updates; <file>.py: one offline step of that baseline file at walker2d-medium sizes (off2on.py: its 5 CQL agents
-    at once); off2on-online: one off2on.py online update (weight net, priorities, SAC ensemble)"""
+    at once; aca.py: SAC+ML with the baselines Z); off2on-online: one off2on.py online update (weight net,
+    priorities, SAC ensemble); aca-online: one aca.py online update after alignment (R + soft clip of log pi_0)"""
     sizes: tuple[Literal["walker2d-n10", "hopper-n50"], ...] = ("walker2d-n10", "hopper-n50")
     """problem sizes of so2.py's workloads (the baselines always run at walker2d-medium sizes)"""
     quick: bool = False  # debug run: 3 rounds of >= 0.3 s, 1 warm-up call, hopper-n50 skipped
@@ -625,6 +632,188 @@ def plain_off2on_online_update(actors, critics, targets, log_alpha, weight_net, 
     return update
 
 
+def plain_actor(actor: nn.Module) -> PlainTanhGaussianActor:
+    """aca.py's SquashedGaussianActor as a PlainTanhGaussianActor (same trunk/mu/log_std layout and clamp)."""
+    dims = [actor.trunk[0].weight.shape[1]] + [m.weight.shape[0] for m in actor.trunk if isinstance(m, nn.Linear)]
+    plain = PlainTanhGaussianActor(dims, actor.mu.weight.shape[0]).to(actor.mu.weight.device)
+    plain.load_state_dict(actor.state_dict())
+    return plain.requires_grad_(any(p.requires_grad for p in actor.parameters()))
+
+
+@torch.no_grad()
+def plain_baselines(baseline: nn.Module) -> nn.ModuleList:
+    """aca.py's VectorizedBaseline as N separate nn.Sequential Z-networks on s (Z of shape [N, B] by stacking)."""
+    dims = [baseline.layers[0].weight.shape[1]] + [layer.weight.shape[2] for layer in baseline.layers]
+    zs = nn.ModuleList(
+        nn.Sequential(*[m for i, o in zip(dims[:-2], dims[1:-1]) for m in (nn.Linear(i, o), nn.ReLU())],
+                      nn.Linear(dims[-2], dims[-1])) for _ in range(baseline.n)).to(baseline.layers[0].weight.device)
+    for (w, b), (pw, pb) in zip(vectorized_members(baseline), plain_linears(zs)):
+        pw.copy_(w)
+        pb.copy_(b)
+    return zs
+
+
+def squashed_log_prob_of(actor: PlainTanhGaussianActor, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """log pi(a|s) of given actions as a torch TransformedDistribution(Normal, TanhTransform), a clamped into the
+    open interval as d3rlpy does before its atanh."""
+    mean, log_std = actor.gaussian(obs)
+    dist = torch.distributions.TransformedDistribution(torch.distributions.Normal(mean, log_std.exp()),
+                                                       torch.distributions.transforms.TanhTransform())
+    return dist.log_prob(actions.clamp(-0.999999, 0.999999)).sum(-1)
+
+
+def plain_aca_offline_update(actor, critic, target, baselines, log_alpha, args, act_dim: int) -> Callable:
+    """[ACA]'s SAC+ML pretraining (sacml_impl.py) in its order: temperature, critic, baseline, actor (lam * SAC loss
+    - log pi(a_data|s)), Polyak; twin critics and twin baselines as separate Sequentials, one Adam each. Each loss draws its own policy sample (temperature at s, critic target at s', baseline target at s', actor
+    at s): the reference draws them itself with `torch.randn_like` at the same points, in the same order and shapes,
+    so the generator gives it the file's numbers. Log-probabilities are torch distributions."""
+    actor_optim = torch.optim.Adam(actor.parameters(), lr=args.actor_lr)
+    critic_optims = [torch.optim.Adam(q.parameters(), lr=args.critic_lr) for q in critic.qs]
+    baseline_optims = [torch.optim.Adam(z.parameters(), lr=args.baseline_lr) for z in baselines]
+    alpha_optim = torch.optim.Adam([log_alpha], lr=args.alpha_lr)
+    target_entropy = -float(act_dim)
+
+    def sample(obs):
+        mean, log_std = actor.gaussian(obs)
+        return tanh_normal(mean, log_std.exp(), torch.randn_like(mean))
+
+    def update(batch):
+        obs, actions, next_obs = batch["observations"], batch["actions"], batch["next_observations"]
+        not_done = 1 - batch["terminated"]
+        with torch.no_grad():
+            _, log_pi = sample(obs)
+        alpha_loss = -(log_alpha * (log_pi + target_entropy)).mean()
+        alpha_optim.zero_grad()
+        alpha_loss.backward()
+        alpha_optim.step()
+        alpha = log_alpha.exp().detach()
+
+        with torch.no_grad():
+            next_pi, next_log_pi = sample(next_obs)
+            q_next = torch.min(single(target, 0, next_obs, next_pi), single(target, 1, next_obs, next_pi))
+            y = batch["rewards"] + args.gamma * not_done * (q_next - alpha * next_log_pi)
+        critic_loss = mse(single(critic, 0, obs, actions), y) + mse(single(critic, 1, obs, actions), y)
+        for optim in critic_optims:
+            optim.zero_grad()
+        critic_loss.backward()
+        for optim in critic_optims:
+            optim.step()
+
+        with torch.no_grad():  # Q(s', a') = log pi(a'|s') + Z(s') in pi's soft Bellman equation
+            _, next_log_pi = sample(next_obs)
+            z_next = torch.min(baselines[0](next_obs).squeeze(-1), baselines[1](next_obs).squeeze(-1))
+            y_z = batch["rewards"] + args.gamma * not_done * (next_log_pi + z_next - alpha * next_log_pi)
+            log_pi_data = squashed_log_prob_of(actor, obs, actions)
+        baseline_loss = sum(mse(log_pi_data + z(obs).squeeze(-1), y_z) for z in baselines)
+        for optim in baseline_optims:
+            optim.zero_grad()
+        baseline_loss.backward()
+        for optim in baseline_optims:
+            optim.step()
+
+        pi, log_pi = sample(obs)
+        q_pi = torch.min(single(critic, 0, obs, pi), single(critic, 1, obs, pi))  # critic .grad: thrown away
+        lam = args.alpha_ml / q_pi.abs().mean().detach()
+        log_likelihood = squashed_log_prob_of(actor, obs, actions).mean()
+        actor_loss = lam * (alpha * log_pi - q_pi).mean() - log_likelihood
+        actor_optim.zero_grad()
+        actor_loss.backward()
+        actor_optim.step()
+        plain_polyak(target, critic, args.tau)
+        return {"loss/critic": critic_loss.detach(), "loss/baseline": baseline_loss.detach(),
+                "loss/actor": actor_loss.detach(), "loss/alpha": alpha_loss.detach(), "lam": lam,
+                "log_likelihood": log_likelihood.detach()}
+
+    return update
+
+
+@torch.no_grad()
+def plain_aca_align(actor: PlainTanhGaussianActor, baselines: nn.ModuleList, act_dim: int
+                    ) -> tuple[PlainCritic, PlainCritic, PlainTanhGaussianActor, torch.Tensor]:
+    """[ACA]'s switch (utility.py::critic_init) on the reference's networks: R_k = a Sequential Q-network on
+    concat(s, a) with Z_k's weights and zero weights on the action inputs, targets = copies of R, pi_0 = a frozen copy
+    of the actor, a fresh log alpha of 0."""
+    obs_dim = baselines[0][0].weight.shape[1]
+    dims = [obs_dim + act_dim] + [m.weight.shape[0] for m in baselines[0] if isinstance(m, nn.Linear)]
+    critic = PlainCritic(dims, len(baselines)).to(baselines[0][0].weight.device)
+    for q, z in zip(critic.qs, baselines):
+        for q_layer, z_layer in zip(plain_linears(q), plain_linears(z)):
+            q_layer[0].zero_()
+            q_layer[0][:, :z_layer[0].shape[1]].copy_(z_layer[0])  # the action columns (first layer) stay 0
+            q_layer[1].copy_(z_layer[1])
+    log_alpha = torch.zeros((), device=critic.qs[0][0].weight.device, requires_grad=True)
+    return critic, copy.deepcopy(critic), copy.deepcopy(actor).requires_grad_(False), log_alpha
+
+
+def plain_aca_online_update(actor, critic, target, pi_0, log_alpha, w0: float, args, act_dim: int) -> Callable:
+    """[ACA]'s online step (aca_impl.py) from the aligned state: SAC on Q = min(R1, R2) + C(log pi_0), R the twin
+    Sequentials, pi_0 a frozen copy of the offline actor, C = w (softplus(log pi_0 - clip_at) + clip_at) with clip_at
+    the smaller log pi_0 of the pre-tanh points mu_0 +- beta sigma_0; temperature -> critic -> actor (gradient norm
+    clipped, computed by hand) -> Polyak -> w <- max(w - i0 / (i1 1000), i2) as a Python float, as the authors' code
+    keeps it. Fresh Adams, as the file's after `align` in this benchmark. Policy samples (temperature at s, target at
+    s', actor at s) are drawn with `torch.randn_like` in the file's order and shapes."""
+    actor_optim = torch.optim.Adam(actor.parameters(), lr=args.actor_lr)
+    critic_optims = [torch.optim.Adam(q.parameters(), lr=args.critic_lr) for q in critic.qs]
+    alpha_optim = torch.optim.Adam([log_alpha], lr=args.alpha_lr)
+    target_entropy, (i0, i1, i2) = -float(act_dim), args.interpolation
+    state = {"w": w0}
+
+    def sample(obs):
+        mean, log_std = actor.gaussian(obs)
+        return tanh_normal(mean, log_std.exp(), torch.randn_like(mean))
+
+    def soft_clip(obs, actions):
+        log_pi0 = squashed_log_prob_of(pi_0, obs, actions)
+        with torch.no_grad():
+            mean, log_std = pi_0.gaussian(obs)
+            std = log_std.exp()
+            floor = [tanh_normal(mean, std, torch.full_like(mean, sign * args.beta))[1] for sign in (-1, 1)]
+            clip_at = torch.min(*floor)
+        return state["w"] * (nn.functional.softplus(log_pi0 - clip_at) + clip_at)
+
+    def update(batch):
+        obs, actions, next_obs = batch["observations"], batch["actions"], batch["next_observations"]
+        with torch.no_grad():
+            _, log_pi = sample(obs)
+        alpha_loss = -(log_alpha * (log_pi + target_entropy)).mean()
+        alpha_optim.zero_grad()
+        alpha_loss.backward()
+        alpha_optim.step()
+        alpha = log_alpha.exp().detach()
+
+        with torch.no_grad():
+            next_pi, next_log_pi = sample(next_obs)
+            q_next = torch.min(single(target, 0, next_obs, next_pi), single(target, 1, next_obs, next_pi))
+            q_next = q_next + soft_clip(next_obs, next_pi)
+            y = batch["rewards"] + args.gamma * (1 - batch["terminated"]) * (q_next - alpha * next_log_pi)
+            c_data = soft_clip(obs, actions)
+        critic_loss = sum(mse(single(critic, j, obs, actions) + c_data, y) for j in range(2))
+        for optim in critic_optims:
+            optim.zero_grad()
+        critic_loss.backward()
+        for optim in critic_optims:
+            optim.step()
+
+        pi, log_pi = sample(obs)
+        q_pi = torch.min(single(critic, 0, obs, pi), single(critic, 1, obs, pi)) + soft_clip(obs, pi)
+        actor_loss = (alpha * log_pi - q_pi).mean()
+        actor_optim.zero_grad()
+        actor_loss.backward()
+        grads = [p.grad for p in actor.parameters()]
+        total = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+        scale = (args.actor_grad_clip / (total + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(scale)
+        actor_optim.step()
+        plain_polyak(target, critic, args.tau)
+        w = state["w"]
+        state["w"] = max(w - i0 / (i1 * 1000), i2)
+        return {"loss/critic": critic_loss.detach(), "loss/actor": actor_loss.detach(),
+                "loss/alpha": alpha_loss.detach(), "w": torch.tensor(w, dtype=torch.float64), "c/mean": c_data.mean()}
+
+    return update
+
+
 # ---- workloads
 def make_batch(lead: tuple[int, ...], obs_dim, act_dim, device, gen) -> dict[str, torch.Tensor]:
     r = lambda *s: torch.randn(*lead, *s, generator=gen)  # noqa: E731
@@ -961,6 +1150,50 @@ def build_off2on(phase: Literal["offline", "online"], spec: Spec) -> Setup:
                  f"policy of {e} actors and {e} twin critics (temperature, actor, critics, Polyak) at batch {rows}")
 
 
+def build_aca(phase: Literal["offline", "online"], spec: Spec) -> Setup:
+    m = algo("aca")
+    online = phase == "online"
+    device, (obs_dim, act_dim) = torch.device(spec.device), (spec.obs_dim, spec.act_dim)
+    args = file_args(m, spec, **({} if spec.hidden is None else {"hidden_dim": spec.hidden}))
+    gen = torch.Generator().manual_seed(spec.seed)
+    torch.manual_seed(spec.seed)
+    agent = m.make_agent(obs_dim, act_dim, args.hidden_dim, device)  # as main(): twin critics and baselines
+    ours = m.make_update_fns(agent, args, act_dim)[1 if online else 0]  # optimisers made before any switch, as main()
+    rows = spec.batch or args.batch_size
+    batch = make_batch((rows,), obs_dim, act_dim, device, gen)
+    fa, fc, fz = (forward_flops(net, rows) for net in (agent.actor, agent.critic, agent.baseline))
+    actor, baselines = plain_actor(agent.actor), plain_baselines(agent.baseline)
+    if not online:
+        twin = copy.deepcopy(agent)
+        critic, target = PlainCritic.like(agent.critic), PlainCritic.like(agent.critic_target)
+        log_alpha = agent.log_alpha.detach().clone().requires_grad_(True)
+        return Setup("aca.py", ours, plain_aca_offline_update(actor, critic, target, baselines, log_alpha, args,
+                                                              act_dim),
+                     torch.compile(m.make_update_fns(twin, args, act_dim)[0]) if spec.compile else None, batch,
+                     batch, [("actor", agent.actor, actor), ("critic", agent.critic, critic),
+                             ("critic_target", agent.critic_target, target), ("baseline", agent.baseline, baselines)],
+                     10 * fa + 6 * fc + 4 * fz, "10Fa + 6Fc + 4Fz, Fz = the twin baselines",
+                     f"one offline step (temperature, critics, baselines Z, SAC+ML actor alpha_ML {args.alpha_ml:g}, "
+                     f"Polyak; a policy sample per loss) at batch {rows}, twin critics and baselines")
+
+    # The switch, from fresh weights standing in for the end of pretraining (a learned temperature too, so that its
+    # reset counts): the file's align on its agent, the reference's own on copies of the same weights.
+    with torch.no_grad():
+        agent.log_alpha.fill_(math.log(0.1))
+    critic, target, pi_0, log_alpha = plain_aca_align(actor, baselines, act_dim)
+    m.align(agent, args.interpolation[0])
+    twin = copy.deepcopy(agent)
+    return Setup("aca.py", ours, plain_aca_online_update(actor, critic, target, pi_0, log_alpha,
+                                                         args.interpolation[0], args, act_dim),
+                 torch.compile(m.make_update_fns(twin, args, act_dim)[1]) if spec.compile else None, batch, batch,
+                 [("actor", agent.actor, actor), ("critic", agent.critic, critic),
+                  ("critic_target", agent.critic_target, target), ("pi_0", agent.reference, pi_0)],
+                 9 * fa + 6 * fc, "9Fa + 6Fc, pi_0's passes counted in Fa",
+                 f"one online update from the aligned state (temperature, R critics on R + C(log pi_0) beta "
+                 f"{args.beta:g}, actor with grad-norm clip {args.actor_grad_clip:g}, Polyak, w annealing) at batch "
+                 f"{rows}")
+
+
 def build(workload: str, spec: Spec) -> Setup:
     if workload in SO2_WORKLOADS:
         return build_so2(workload, spec)
@@ -968,7 +1201,8 @@ def build(workload: str, spec: Spec) -> Setup:
                 "cal_ql.py": functools.partial(build_cql, "cal_ql"), "td3bc_ft.py": build_td3bc,
                 "awac.py": build_awac, "iql_ft.py": build_iql,
                 "off2on.py": functools.partial(build_off2on, "offline"),
-                "off2on-online": functools.partial(build_off2on, "online")}
+                "off2on-online": functools.partial(build_off2on, "online"),
+                "aca.py": functools.partial(build_aca, "offline"), "aca-online": functools.partial(build_aca, "online")}
     return builders[workload](spec)
 
 
@@ -1102,8 +1336,8 @@ def run_workload(cfg: Config, workload: str, spec: Spec, device) -> tuple[list[V
 
 
 def jobs(cfg: Config) -> list[tuple[str, str, Spec]]:
-    """(label, workload, spec) in run order: so2.py's workloads per size, then the baselines (and off2on-online) at
-    walker2d sizes."""
+    """(label, workload, spec) in run order: so2.py's workloads per size, then the baselines (and the online
+    workloads) at walker2d sizes."""
     sizes = [s for s in cfg.sizes if not (cfg.quick and s == "hopper-n50")]
     common = dict(device=cfg.device, seed=cfg.seed, compile=cfg.compile)
     out = [(f"{size} {w}", w, Spec(*SIZES[size], **common)) for size in sizes for w in cfg.workloads
@@ -1209,9 +1443,13 @@ def write_report(cfg, info, rates, rows, checks_md, flops_md, ratios, load, elap
         "gradients computed in the actor loss and thrown away, `F.mse_loss`, `torch.distributions.Normal` "
         "log-likelihoods), per-parameter Polyak. Actors (and IQL's V) are deep copies of the file's own modules; "
         "off2on.py's vectorised ensemble becomes E separate agents (rlkit actors, twin Sequentials, a log alpha and "
-        "Adams each) in a Python loop. Random numbers are drawn in the file's order (off2on.py offline: the "
+        "Adams each) in a Python loop; aca.py's twin baselines Z(s) become two Sequentials, its actor and pi_0 rlkit "
+        "actors with `TransformedDistribution(Normal, TanhTransform)` log-likelihoods, and online the reference "
+        "aligns its own copies, writes the soft clip and the gradient-norm clip out by hand and anneals w as a Python "
+        "float. Random numbers are drawn in the file's order (off2on.py offline: the "
         "reference draws the file's [E, ...] noise tensors up front and hands agent i its slice).", "",
-        "**FLOP model.** Fa, Fc, Fv = forward FLOPs of the actor, the whole critic ensemble and V at the call's batch "
+        "**FLOP model.** Fa, Fc, Fv, Fz = forward FLOPs of the actor, the whole critic ensemble, V and aca.py's twin "
+        "baselines at the call's batch "
         "(2 x multiply-adds of every linear layer x rows). A backward counts 2x its forward, an input-only one "
         "(actor loss through frozen critics) 1x. The count is the work the method needs (e.g. EDAC's diversity term "
         "on the TD forward, TD3's actor through Q1 only), not the reference's extra work (second critic forwards, "
@@ -1222,8 +1460,9 @@ def write_report(cfg, info, rates, rows, checks_md, flops_md, ratios, load, elap
         "**Checks** before timing (same initial weights; two updates of each from the same seed on the same batch): "
         "max |dQ| between the file's critics and the copied Sequentials (critics and targets, at s and s'), relative "
         "difference of each loss the reference returns (second update), max |dW| over every network's weights after "
-        "the updates (critics, targets, actor, V), and rel dW = |W_file - W_ref| / |W_file - W_initial| (2-norm per "
-        "network, the largest; trained networks and Polyak targets apart): the gap as a share of how far the updates "
+        "the updates (critics, targets, actor, V, Z, pi_0), and rel dW = |W_file - W_ref| / |W_file - W_initial| "
+        "(2-norm per network, the largest; trained networks and Polyak targets apart): the gap as a share of how far "
+        "the updates "
         "moved the weights. A workload is timed only if the losses agree to 1e-4, rel dW < 1e-2 and rel dW target "
         "< 0.1 (a target moves by tau x a step, close to float32's resolution; a missing Polyak step gives 1). "
         "max |dW| can reach a good part of "

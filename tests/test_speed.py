@@ -17,9 +17,15 @@ spec.loader.exec_module(speed)
 
 # Small enough for a 2-core CPU: cql_ft/cal_ql and td3bc_ft fix their critics' width at 256, so there only the
 # batch and the number of penalty samples shrink. off2on.py's ensemble is E = n_critics = 3 agents.
+# aca-online: w's step at the file's interpolation (1/40000) and its floor would not show in two updates, hence
+# 0.2 a step onto a floor of 0.9 (w 1, then 0.9). Adam divides out a gradient's scale, so the file's grad-norm clip
+# of 0.25 moves the weights by only ~0.4% of a step; it shows plainly where it brings the gradient near Adam's eps
+# (1e-8), hence a clip of 1e-7. At beta 7 the soft clip's floor lies >= 25 nats below log pi_0 of every action
+# here, where softplus(x) = x in float32 and the floor drops out; at beta 0.5 it binds for some.
 TINY = dict(obs_dim=5, act_dim=2, n_critics=3, hidden=32, batch=16)
 OVERRIDES = {"so2": {"utd_ratio": 2, "actor_updates_per_step": 2}, "cql_ft.py": {"cql_n_actions": 3},
-             "cal_ql.py": {"cql_n_actions": 3}, "off2on.py": {"cql_n_actions": 3}}
+             "cal_ql.py": {"cql_n_actions": 3}, "off2on.py": {"cql_n_actions": 3},
+             "aca-online": {"interpolation": (1.0, 0.005, 0.9), "actor_grad_clip": 1e-7, "beta": 0.5}}
 
 
 @pytest.fixture(autouse=True)
