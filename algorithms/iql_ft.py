@@ -1041,6 +1041,17 @@ def restore(objects: dict[str, Any], saved: dict[str, Any]) -> None:
                 v.copy_(saved[k])
 
 
+def restore_optimizers(optims: dict[str, Any], saved: dict[str, Any]) -> None:
+    """Adam's states from another run (an offline.pt) under this run's learning rates: an optimiser's state_dict
+    carries the learning rate it was saved with, which would silently override this run's flags."""
+    lrs = {name: [group["lr"] for group in optim.param_groups] for name, optim in optims.items()
+           if hasattr(optim, "param_groups")}
+    restore(optims, saved)
+    for name, groups in lrs.items():
+        for group, lr in zip(optims[name].param_groups, groups):
+            group["lr"] = lr
+
+
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     """Write to a temporary file and rename, so that a run killed while saving keeps its previous checkpoint."""
     tmp = path.with_name(path.name + ".tmp")
@@ -1206,6 +1217,8 @@ def main(args: Args) -> Path:
     elif not ckpt:
         offline = load_checkpoint(Path(args.offline_checkpoint), device)
         restore(vars(agent), offline["agent"])
+        # offline.pt's learning rates are kept (not restore_optimizers): --lr-schedule corl continues the cosine where
+        # pretraining left it; switch_to_online sets the actor's for iql. Other rates are the pretraining run's.
         restore(optims, offline["optims"])
 
     if not ckpt:  # a resumed online run has its learning rate in the checkpoint

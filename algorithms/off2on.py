@@ -1148,6 +1148,17 @@ def restore(objects: dict[str, Any], saved: dict[str, Any]) -> None:
                 v.copy_(saved[k])
 
 
+def restore_optimizers(optims: dict[str, Any], saved: dict[str, Any]) -> None:
+    """Adam's states from another run (an offline.pt) under this run's learning rates: an optimiser's state_dict
+    carries the learning rate it was saved with, which would silently override this run's flags."""
+    lrs = {name: [group["lr"] for group in optim.param_groups] for name, optim in optims.items()
+           if hasattr(optim, "param_groups")}
+    restore(optims, saved)
+    for name, groups in lrs.items():
+        for group, lr in zip(optims[name].param_groups, groups):
+            group["lr"] = lr
+
+
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     """Write to a temporary file and rename, so that a run killed while saving keeps its previous checkpoint."""
     tmp = path.with_name(path.name + ".tmp")

@@ -880,6 +880,17 @@ def restore(objects: dict[str, Any], saved: dict[str, Any]) -> None:
                 v.copy_(saved[k])
 
 
+def restore_optimizers(optims: dict[str, Any], saved: dict[str, Any]) -> None:
+    """Adam's states from another run (an offline.pt) under this run's learning rates: an optimiser's state_dict
+    carries the learning rate it was saved with, which would silently override this run's flags."""
+    lrs = {name: [group["lr"] for group in optim.param_groups] for name, optim in optims.items()
+           if hasattr(optim, "param_groups")}
+    restore(optims, saved)
+    for name, groups in lrs.items():
+        for group, lr in zip(optims[name].param_groups, groups):
+            group["lr"] = lr
+
+
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     """Write to a temporary file and rename, so that a run killed while saving keeps its previous checkpoint."""
     tmp = path.with_name(path.name + ".tmp")
@@ -1019,7 +1030,7 @@ def main(args: Args) -> Path:
         offline = load_checkpoint(Path(args.offline_checkpoint), device)
         try:
             restore(vars(agent), offline["agent"])  # the dataset statistics come with the networks
-            restore(optims, offline["optims"])
+            restore_optimizers(optims, offline["optims"])
         except (KeyError, RuntimeError) as e:
             raise RunError(f"{args.offline_checkpoint} is not a td3bc_ft.py offline.pt of {args.env_id} ({e})"
                            ) from None

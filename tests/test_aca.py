@@ -137,6 +137,18 @@ def test_offline_checkpoint_and_the_switch(tmp_path, full_run, hopper_file):
                            hidden_dim=32))
 
 
+def test_learning_rates_of_this_run_win_over_offline_pt(tmp_path, full_run, hopper_file):
+    """offline.pt carries Adam's states and, inside them, the pretraining run's learning rates: a fine-tuning run's
+    --actor-lr must still apply (here 0: the actor stays pi_0 while R learns)."""
+    run_dir = aca.main(tiny_args(tmp_path, hopper_file, offline_checkpoint=str(full_run / "offline.pt"),
+                                 online_steps=40, n_trajs=2, actor_lr=0.0, checkpoint_every=1000))
+    agent, offline = switch_state(run_dir), load(full_run / "offline.pt")["agent"]
+    assert read_rows(run_dir)[-1]["grad_step"] > 0
+    for k, v in offline["actor"].items():
+        assert torch.equal(agent["actor"][k], v), f"actor {k} moved at lr 0"
+    assert load(run_dir / "checkpoint.pt")["optims"]["actor_optim"]["param_groups"][0]["lr"] == 0.0
+
+
 def test_no_offline_data_online(tmp_path, full_run, hopper_file):
     """n_trajs 0 (random, medium): the buffer starts empty and updates start once it holds more than a batch."""
     run_dir = aca.main(tiny_args(tmp_path, hopper_file, offline_checkpoint=str(full_run / "offline.pt"),

@@ -730,3 +730,18 @@ def test_logger_averages_each_metric_over_its_own_updates(tmp_path):
     with pytest.raises(so2.RunError, match="non-finite loss/critic"):
         logger.flush(5)
     logger.close()
+
+
+def test_restore_optimizers_keeps_this_runs_learning_rates(so2):
+    """An offline.pt's Adam states come back, its learning rates do not (a fine-tuning run's flags win)."""
+    w = torch.nn.Parameter(torch.ones(3))
+    before = torch.optim.Adam([w], lr=1e-3)
+    w.grad = torch.full((3,), 0.5)
+    before.step()
+    saved = {"actor_optim": before.state_dict()}
+    now = {"actor_optim": torch.optim.Adam([w], lr=0.0)}
+    so2.restore_optimizers(now, saved)
+    assert now["actor_optim"].param_groups[0]["lr"] == 0.0
+    assert torch.equal(now["actor_optim"].state[w]["exp_avg"], before.state[w]["exp_avg"])
+    so2.restore(now, saved)  # a resumed run's own checkpoint, by contrast, brings its rate back
+    assert now["actor_optim"].param_groups[0]["lr"] == 1e-3
