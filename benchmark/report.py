@@ -34,7 +34,9 @@ import argparse
 import datetime
 import json
 import os
+import shlex
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -503,7 +505,7 @@ def main(argv: list[str] | None = None) -> None:
     name = args.preset or runs_dir.name
     out = Path(args.out or ROOT / "results" / name)
     report = Report(runs_dir, out, args.title or name, preset, runs)
-    command = "python benchmark/report.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    command = "python benchmark/report.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     print(f"wrote {report.write(command.strip())}")
     if args.copy_logs:
         print(f"copied {copy_logs(runs_dir, runs, out / 'runs')} log files into {out / 'runs'}")
