@@ -1217,9 +1217,10 @@ def main(args: Args) -> Path:
     elif not ckpt:
         offline = load_checkpoint(Path(args.offline_checkpoint), device)
         restore(vars(agent), offline["agent"])
-        # offline.pt's learning rates are kept (not restore_optimizers): --lr-schedule corl continues the cosine where
-        # pretraining left it; switch_to_online sets the actor's for iql. Other rates are the pretraining run's.
-        restore(optims, offline["optims"])
+        # The actor keeps offline.pt's learning rate (--lr-schedule corl continues the cosine where pretraining left
+        # it; switch_to_online resets it for iql); the critics take this run's flags.
+        restore({k: optims[k] for k in ("actor_optim", "actor_schedule")}, offline["optims"])
+        restore_optimizers({k: optims[k] for k in ("critic_optim", "value_optim")}, offline["optims"])
 
     if not ckpt:  # a resumed online run has its learning rate in the checkpoint
         switch_to_online(args, optims)

@@ -269,6 +269,20 @@ def test_corl_preset_from_offline_checkpoint(tmp_path, hopper_file, monkeypatch)
     assert lr == pytest.approx(3e-4 * 0.5 * (1 + math.cos(math.pi * 100 / 40)), rel=1e-4)
 
 
+def test_critic_rates_of_this_run_win_over_offline_pt(tmp_path, hopper_file):
+    """offline.pt's Adam states carry the pretraining run's learning rates; --critic-lr and --value-lr of the
+    fine-tuning run must still apply (here 0: Q and V stay as pretrained while the actor learns)."""
+    first = iql.main(iql_args(tmp_path / "a", hopper_file, online_steps=0))
+    run_dir = iql.main(iql_args(tmp_path / "b", hopper_file, offline_checkpoint=str(first / "offline.pt"),
+                                online_steps=30, eval_every=30, critic_lr=0.0, value_lr=0.0))
+    offline = torch.load(first / "offline.pt", weights_only=False)["agent"]
+    now = torch.load(run_dir / "checkpoint.pt", weights_only=False)["agent"]
+    for net in ("critic", "value"):
+        for k, v in offline[net].items():
+            assert torch.equal(now[net][k], v), f"{net} {k} moved at lr 0"
+    assert any(not torch.equal(now["actor"][k], v) for k, v in offline["actor"].items())
+
+
 def test_iql_resume_matches_uninterrupted(tmp_path, hopper_file, monkeypatch):
     full = iql.main(iql_args(tmp_path / "full", hopper_file))
     with monkeypatch.context() as m:
