@@ -1,5 +1,5 @@
 """benchmark/report.py on hand-made run directories whose numbers are known: means and stds per cell, a missing and
-a partial run shown as missing, averages only over complete methods, rliable's IQM as rliable computes it, the Q
+a partial run shown as missing, averages only over complete methods, the online phase's area and seeds above start, rliable's IQM as rliable computes it, the Q
 difference relative to SAC, the figures, the sources, and a hand-written reading kept across rewrites."""
 
 from __future__ import annotations
@@ -95,6 +95,25 @@ def test_partial_and_missing_runs_are_never_numbers(grid, tmp_path):
             run.rmdir()
     r = make(grid, tmp_path)
     assert r.cell("edac", "hopper-medium") == "missing (1 partial)"
+
+
+def test_online_phase_area_and_seeds_above_start(grid, tmp_path):
+    run = next((grid / "finetune/so2/hopper-medium/seed1").glob("so2__*")) / "eval.jsonl"
+    rows = [json.loads(ln) for ln in run.read_text().splitlines()]
+    rows[-1]["normalized_score"] = -5.0  # this seed ends below its offline start
+    run.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = make(grid, tmp_path)
+    areas = []
+    for s in SEEDS:
+        start, end = offline("so2", "hopper-medium", s), final("so2", "hopper-medium", s)
+        areas.append(np.mean([(start + end) / 2, -5.0 if s == 1 else end]))  # evaluations at 50 and 100, not at 0
+    assert r.online_cell("so2", "hopper-medium") == f"{np.mean(areas):.1f} +- {np.std(areas):.1f}; 2/3 above start"
+    assert r.online_cell("edac", "hopper-medium").endswith("; 2/2 above start")
+    sac = [np.mean([(offline("sac", "hopper-medium", s) + final("sac", "hopper-medium", s)) / 2,
+                    final("sac", "hopper-medium", s)]) for s in SEEDS]
+    assert r.online_cell("sac", "hopper-medium") == f"{np.mean(sac):.1f} +- {np.std(sac):.1f}"
+    assert r.online_cell("sac", "halfcheetah-random") == "missing"
+    assert "| hopper-medium | " + r.online_cell("so2", "hopper-medium") in "\n".join(r.online_table())
 
 
 def test_rliable_iqm_is_rliables_own(grid, tmp_path):
