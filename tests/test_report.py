@@ -1,6 +1,7 @@
 """benchmark/report.py on hand-made run directories whose numbers are known: means and stds per cell, a missing and
-a partial run shown as missing, averages only over complete methods, the online phase's area and seeds above start, rliable's IQM as rliable computes it, the Q
-difference relative to SAC, the figures, the sources, and a hand-written reading kept across rewrites."""
+a partial run shown as missing, averages only over complete methods, the online phase's area and seeds above start,
+rliable's IQM as rliable computes it, the Q difference relative to SAC, the figures, the sources, and a hand-written
+reading kept across rewrites."""
 
 from __future__ import annotations
 
