@@ -59,7 +59,7 @@ class Preset:
     name: str
     tasks: tuple[str, ...]
     seeds: tuple[int, ...]
-    data: str
+    data: str | None  # --data for every run; None leaves each task to its file's default (d4rl MuJoCo, minari Adroit)
     reduces: str
     common: tuple[str, ...] = ()
     flags: dict[str, tuple[str, ...]] = field(default_factory=dict)
@@ -111,10 +111,11 @@ PRESETS = {
                "off2on": ("--ensemble-size", "2"),
                "sac": ("--learning-starts", "1000")}),
     "paper": Preset(
-        name="paper", seeds=(0, 1, 2, 3), data="d4rl",
+        name="paper", seeds=(0, 1, 2, 3), data=None,
         tasks=tuple(f"{f}-{d}" for f in ("halfcheetah", "hopper", "walker2d")
                     for d in ("random", "medium", "medium-replay", "medium-expert")) + ("pen-human", "door-human"),
-        reduces="nothing: the protocol (the SO2 paper's budgets; each file's per-dataset defaults)"),
+        reduces="nothing: the protocol (the SO2 paper's budgets; each file's per-dataset defaults; D4RL v2 files "
+                "for MuJoCo, Minari's D4RL sets for Adroit)"),
 }
 
 
@@ -141,7 +142,7 @@ def make_jobs(preset: Preset, algos: list[str], tasks: tuple[str, ...], seeds: t
     """Pretraining jobs first (one per file, task and seed that a chosen fine-tuning method needs), then
     fine-tuning, then SAC once per environment and seed."""
     jobs: list[Job] = []
-    base = ["--data", preset.data, "--threads", "1", *preset.common]
+    base = [*(("--data", preset.data) if preset.data else ()), "--threads", "1", *preset.common]
     finetuners = [a for a in algos if a in PRETRAINED_BY]
     for seed in seeds:
         for task in tasks:
@@ -259,7 +260,9 @@ def tail(path: Path, n: int = 15) -> str:
         lines = path.read_text(errors="replace").splitlines()
     except OSError:
         return "(no log)"
-    return "\n".join("    " + line[-300:] for line in lines[-n:])
+    # a long line keeps both ends: the error usually opens it and the advice closes it
+    return "\n".join("    " + (line if len(line) <= 600 else f"{line[:200]} [...] {line[-400:]}")
+                     for line in lines[-n:])
 
 
 def run_one(job: Job, preset_dir: Path) -> int:
@@ -478,6 +481,17 @@ def build_data(preset: Preset, preset_dir: Path, tasks: tuple[str, ...]) -> dict
     return {"MINARI_DATASETS_PATH": str(root)}
 
 
+def missing_data(preset: Preset, tasks: tuple[str, ...]) -> list[str]:
+    """The rebuilt datasets a preset needs that the local Minari root lacks (make_datasets.py moves a finished
+    dataset into place together with its build.json, so a half-built one does not count)."""
+    if preset.data != "rebuilt" or preset.build_data:
+        return []
+    root = Path(os.environ.get("MINARI_DATASETS_PATH") or Path("~/.minari/datasets").expanduser())
+    # make_datasets.dataset_id, kept here so the runner does not import torch to start
+    ids = {task: "o2o-rl/{}/{}-v0".format(*task.split("-", 1)) for task in tasks}
+    return [task for task, ds in ids.items() if not (root / ds / "build.json").is_file()]
+
+
 def write_preset(preset_dir: Path, preset: Preset, algos: list[str], tasks: tuple[str, ...],
                  seeds: tuple[int, ...]) -> None:
     """preset.json, which the report reads: the union of every invocation's algorithms, tasks and seeds."""
@@ -539,6 +553,12 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"error: another benchmark/run_all.py is running the grid in {preset_dir}; wait for it "
                              f"or stop it (its runs resume on the next start)") from None
     os.environ.update(build_data(preset, preset_dir, tasks))
+    missing = missing_data(preset, tasks)
+    if missing:
+        raise SystemExit(f"error: the {preset.name} preset runs on datasets rebuilt on this machine, and "
+                         f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not built yet. Build them "
+                         f"first (each command also builds what it needs; see README.md, Data):\n"
+                         + "\n".join(f"    python benchmark/make_datasets.py --env-id {t}" for t in missing))
     write_preset(preset_dir, preset, algos, tasks, seeds)
     print(f"[run_all] preset {preset.name}: {len(jobs)} runs ({', '.join(algos)} x {len(tasks)} tasks x {len(seeds)} "
           f"seeds) in {preset_dir}; reduced: {preset.reduces}", flush=True)

@@ -77,6 +77,41 @@ def fakes(tmp_path):
 @pytest.fixture
 def no_data_build(monkeypatch):
     monkeypatch.setitem(run_all.PRESETS, "smoke", dataclasses.replace(run_all.PRESETS["smoke"], build_data=()))
+    monkeypatch.setattr(run_all, "missing_data", lambda preset, tasks: [])  # the fakes read no data
+
+
+def test_paper_preset_leaves_each_task_to_its_data_source_and_cpu_uses_the_rebuilt_data():
+    paper = run_all.make_jobs(run_all.PRESETS["paper"], ["td3bc_ft"], ("hopper-medium", "pen-human"), (0,))
+    assert all("--data" not in job.flags for job in paper)  # d4rl for MuJoCo, minari for Adroit: the files' defaults
+    cpu = run_all.make_jobs(run_all.PRESETS["cpu"], ["td3bc_ft", "sac"], ("hopper-medium",), (0,))
+    assert all(job.flags[job.flags.index("--data") + 1] == "rebuilt" for job in cpu)
+
+
+def test_missing_rebuilt_datasets_stop_the_runner_with_the_commands_that_build_them(tmp_path, monkeypatch):
+    root = tmp_path / "minari"
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
+    built = root / "o2o-rl/hopper/medium-v0"
+    built.mkdir(parents=True)
+    (built / "build.json").write_text("{}")
+    (root / "o2o-rl/halfcheetah/random-v0/data").mkdir(parents=True)  # a build killed before its build.json
+    argv = ["--preset", "cpu", "--runs-dir", str(tmp_path / "runs"), "--tasks", "hopper-medium", "halfcheetah-random",
+            "hopper-medium-replay"]
+    with pytest.raises(SystemExit) as stop:
+        run_all.main(argv)
+    message = str(stop.value)
+    assert "halfcheetah-random, hopper-medium-replay are not built yet" in message
+    assert "python benchmark/make_datasets.py --env-id hopper-medium-replay" in message
+    assert "--env-id hopper-medium\n" not in message + "\n"
+    assert not list((tmp_path / "runs").rglob("log.txt")), "no run may start"
+    assert run_all.missing_data(run_all.PRESETS["cpu"], ("hopper-medium",)) == []
+    assert run_all.missing_data(run_all.PRESETS["paper"], ("hopper-medium-replay",)) == []  # D4RL: downloaded
+
+
+def test_failure_tail_keeps_both_ends_of_a_long_line(tmp_path):
+    log = tmp_path / "log.txt"
+    log.write_text("start\nerror: the cause " + "x" * 2000 + " Build it with: the advice\n")
+    tail = run_all.tail(log)
+    assert "    start" in tail and "error: the cause" in tail and tail.endswith("Build it with: the advice")
 
 
 def grid(fakes, tmp_path, *extra):
