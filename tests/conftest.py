@@ -1,5 +1,6 @@
-"""Shared helpers for the algorithm tests: loading an algorithm file, tiny D4RL files, tiny Minari datasets,
-a local HTTP server, and a guard that keeps tests off the network (only 127.0.0.1 is allowed)."""
+"""Shared helpers for the algorithm tests: loading an algorithm file, tiny D4RL files, tiny Minari datasets, a run
+killed at a checkpoint, a local HTTP server, and a guard that keeps tests off the network (only 127.0.0.1 is
+allowed)."""
 
 from __future__ import annotations
 
@@ -77,6 +78,33 @@ def assert_grads_close(got, expected, what):
     for k, (g, e) in enumerate(zip(got, expected)):
         assert g is not None, f"{what}: parameter {k} has no gradient"
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4, msg=lambda m: f"{what}, parameter {k}: {m}")
+
+
+# ---- a run killed at a checkpoint
+
+class Killed(Exception):
+    """Raised right after a run writes its n-th checkpoint.pt, so the run stops as if killed there."""
+
+
+def run_killed(module, args, n: int) -> Path:
+    """`module.main(args)` killed right after its n-th write of checkpoint.pt; the killed run's directory."""
+    real, count = module.save_checkpoint, {"n": 0}
+
+    def save(path, payload):
+        real(path, payload)
+        if path.name == "checkpoint.pt":
+            count["n"] += 1
+            if count["n"] == n:
+                raise Killed
+
+    out = Path(args.output_dir)
+    before = set(out.iterdir()) if out.is_dir() else set()
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(module, "save_checkpoint", save)
+        with pytest.raises(Killed):
+            module.main(args)
+    (run_dir,) = set(out.iterdir()) - before
+    return run_dir
 
 
 # ---- network guard

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_algo, write_hopper_d4rl
+from conftest import load_algo, run_killed, write_hopper_d4rl
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL_KEYS = ("phase", "env_step", "grad_step", "return_mean", "return_std", "normalized_score",
@@ -157,26 +157,9 @@ def test_no_offline_data_online(tmp_path, full_run, hopper_file):
     assert float(switch_state(run_dir)["w"]) == pytest.approx(1.0 - 24 / 40_000)
 
 
-class Killed(Exception):
-    pass
-
-
 @pytest.mark.parametrize("kill_at", [1, 3])  # 1: in the offline phase; 3: in the online phase
-def test_resume_matches_uninterrupted(tmp_path, full_run, hopper_file, monkeypatch, kill_at):
-    real, count = aca.save_checkpoint, {"n": 0}
-
-    def save(path, payload):  # the n-th checkpoint.pt is the last thing the run does
-        real(path, payload)
-        if path.name == "checkpoint.pt":
-            count["n"] += 1
-            if count["n"] == kill_at:
-                raise Killed
-
-    with monkeypatch.context() as m:
-        m.setattr(aca, "save_checkpoint", save)
-        with pytest.raises(Killed):
-            aca.main(tiny_args(tmp_path, hopper_file))
-    killed = next(tmp_path.iterdir())
+def test_resume_matches_uninterrupted(tmp_path, full_run, hopper_file, kill_at):
+    killed = run_killed(aca, tiny_args(tmp_path, hopper_file), kill_at)
     assert load(killed / "checkpoint.pt")["phase"] == ("offline" if kill_at == 1 else "online")
     resumed = aca.main(aca.Args(resume=str(killed)))
     a, b = switch_state(full_run), switch_state(resumed)

@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import load_algo
-from test_end_to_end import check_outputs, final_params, hopper_file, kill_after_saves, Killed, read_rows, same_rows
+from conftest import load_algo, run_killed
+from test_end_to_end import check_outputs, final_params, hopper_file, read_rows, same_rows
 
 awac = load_algo("awac")
 _ = hopper_file  # the module-scoped fixture, imported for the tests below
@@ -206,13 +206,10 @@ def test_corl_preset_from_offline_checkpoint(tmp_path, hopper_file, monkeypatch)
     assert "hidden.2.weight" in ckpt["agent"]["actor"] and "q.layers.3.weight" in ckpt["agent"]["critic"]
 
 
-def test_awac_resume_matches_uninterrupted(tmp_path, hopper_file, monkeypatch):
+def test_awac_resume_matches_uninterrupted(tmp_path, hopper_file):
     full = awac.main(awac_args(tmp_path / "full", hopper_file))
-    with monkeypatch.context() as m:
-        kill_after_saves(awac, m, 2)  # the first is offline (grad step 20), the second online
-        with pytest.raises(Killed):
-            awac.main(awac_args(tmp_path / "killed", hopper_file))
-    killed = next((tmp_path / "killed").iterdir())
+    # the first checkpoint is offline (grad step 20), the second online
+    killed = run_killed(awac, awac_args(tmp_path / "killed", hopper_file), 2)
     assert torch.load(killed / "checkpoint.pt", weights_only=False)["phase"] == "online"
     resumed = awac.main(awac.Args(resume=str(killed)))
     a, b = final_params(full), final_params(resumed)

@@ -11,13 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import gymnasium as gym
-import h5py
 import numpy as np
 import pytest
 import torch
 
-from conftest import D4RL_EPISODES, load_algo, make_d4rl_arrays, write_d4rl_file
+from conftest import D4RL_EPISODES, load_algo, make_d4rl_arrays, run_killed, write_d4rl_file, write_hopper_d4rl
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL_KEYS = ("phase", "env_step", "grad_step", "return_mean", "return_std", "normalized_score",
@@ -177,24 +175,7 @@ def test_update_uses_the_bound(calibrate_online):
 @pytest.fixture(scope="module")
 def hopper_file(tmp_path_factory) -> Path:
     """600 steps of random actions in Hopper-v4, in D4RL's layout, episodes cut at 100 steps by time-outs."""
-    path = tmp_path_factory.mktemp("data") / "hopper_tiny.hdf5"
-    env, rng = gym.make("Hopper-v4"), np.random.default_rng(0)
-    obs, _ = env.reset(seed=0)
-    rows: dict[str, list] = {k: [] for k in ("observations", "actions", "rewards", "terminals", "timeouts")}
-    t = 0
-    for _ in range(600):
-        action = rng.uniform(-1, 1, 3).astype(np.float32)
-        next_obs, reward, terminated, _, _ = env.step(action)
-        t += 1
-        for k, v in zip(rows, (obs, action, reward, terminated, t >= 100 and not terminated)):
-            rows[k].append(v)
-        obs = next_obs
-        if terminated or t >= 100:
-            obs, t = env.reset()[0], 0
-    with h5py.File(path, "w") as f:
-        for k, v in rows.items():
-            f[k] = np.asarray(v, dtype=np.float32 if k not in ("terminals", "timeouts") else bool)
-    return path
+    return write_hopper_d4rl(tmp_path_factory.mktemp("data") / "hopper_tiny.hdf5", steps=600, limit=100)
 
 
 def tiny_args(tmp: Path, data: Path, **kw):
@@ -257,26 +238,9 @@ def test_from_offline_checkpoint(tmp_path, full_run, hopper_file):
     assert {r["phase"] for r in rows} == {"online"} and rows[-1]["grad_step"] == 50
 
 
-class Killed(Exception):
-    pass
-
-
 @pytest.mark.parametrize("kill_at", [1, 3])  # 1: in the offline phase; 3: in the online phase
-def test_resume_matches_uninterrupted(tmp_path, full_run, hopper_file, monkeypatch, kill_at):
-    real, count = cal.save_checkpoint, {"n": 0}
-
-    def save(path, payload):  # the n-th checkpoint.pt is the last thing the run does
-        real(path, payload)
-        if path.name == "checkpoint.pt":
-            count["n"] += 1
-            if count["n"] == kill_at:
-                raise Killed
-
-    with monkeypatch.context() as m:
-        m.setattr(cal, "save_checkpoint", save)
-        with pytest.raises(Killed):
-            cal.main(tiny_args(tmp_path, hopper_file))
-    killed = next(tmp_path.iterdir())
+def test_resume_matches_uninterrupted(tmp_path, full_run, hopper_file, kill_at):
+    killed = run_killed(cal, tiny_args(tmp_path, hopper_file), kill_at)
     phase = torch.load(killed / "checkpoint.pt", weights_only=False)["phase"]
     assert phase == ("offline" if kill_at == 1 else "online")
     resumed = cal.main(cal.Args(resume=str(killed)))

@@ -7,90 +7,31 @@ online critics for the Q diagnostics)."""
 
 from __future__ import annotations
 
-import copy
 import math
 from pathlib import Path
 
-import gymnasium as gym
 import h5py
 import numpy as np
 import pytest
 import torch
 
 from conftest import load_algo, write_hopper_d4rl
+from loop_harness import (SCALE, ScriptedEnv, assert_rows, assert_same_state, check_initial_agent,
+                          check_q_diagnostics, cql_args, dataset, direct_reward_scale, expected_online_rows,
+                          make_cql_agent, run_to_switch)
 
 cal = load_algo("cal_ql")
 torch.set_num_threads(1)  # the tiny networks are slower with threads on a shared machine
 
-SCRIPT = ((3, "terminated"), (4, "truncated"), (2, "terminated"), (100, "none"))  # the last one meets the budget
-SCALE = 2.5
-
-
-class ScriptedEnv(gym.Env):
-    """Episodes of scripted lengths and endings. Observation [episode, t, 1] (1 marks online rows; the dataset's rows
-    carry -1), reward 10 * episode + t + 1 at step t."""
-
-    observation_space = gym.spaces.Box(-np.inf, np.inf, (3,), np.float64)
-    action_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
-
-    def __init__(self) -> None:
-        self.episode, self.t = 0, 0
-
-    def reset(self, *, seed=None, options=None):
-        super().reset(seed=seed)
-        if self.t:
-            self.episode, self.t = self.episode + 1, 0
-        return self.obs(), {}
-
-    def obs(self) -> np.ndarray:
-        return np.array([self.episode, self.t, 1.0])
-
-    def step(self, action):
-        length, end = SCRIPT[self.episode]
-        reward = 10.0 * self.episode + self.t + 1
-        self.t += 1
-        done = self.t == length
-        return self.obs(), reward, done and end == "terminated", done and end == "truncated", {}
-
-
-def expected_online_rows(n_steps: int) -> list[dict]:
-    rows = []
-    for ep, (length, end) in enumerate(SCRIPT):
-        for t in range(length):
-            if len(rows) == n_steps:
-                return rows
-            last = t == length - 1
-            rows.append({"obs": [ep, t, 1.0], "next_obs": [ep, t + 1, 1.0], "reward": SCALE * (10.0 * ep + t + 1),
-                         "terminated": float(last and end == "terminated"),
-                         "truncated": float(last and end == "truncated")})
-    return rows
-
-
-def make_agent(obs_dim: int = 3, act_dim: int = 2):
-    torch.manual_seed(0)
-    mean, std = torch.zeros(obs_dim), torch.ones(obs_dim)
-    actor, critic = cal.Actor(obs_dim, act_dim, mean, std, hidden=32), cal.Critic(obs_dim, act_dim, 2, mean, std)
-    cal.init_weights(actor, critic, "corl-offline")
-    return cal.Agent(actor, critic, copy.deepcopy(critic), torch.zeros((), requires_grad=True))
-
 
 DATA_RETURN = -7.0  # the dataset rows' Monte-Carlo return, a marker
-
-
-def dataset(n: int = 20) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    obs = np.stack([np.arange(n), np.zeros(n), -np.ones(n)], axis=1).astype(np.float32)  # [row, 0, -1]
-    return {"observations": obs, "actions": rng.uniform(-1, 1, (n, 2)).astype(np.float32),
-            "rewards": rng.standard_normal((n, 1)).astype(np.float32), "next_observations": obs + [0, 1, 0],
-            "terminated": np.zeros((n, 1), np.float32), "truncated": np.zeros((n, 1), np.float32),
-            "mc_returns": np.full(n, DATA_RETURN)}
 
 
 def test_online_loop_stores_episodes_and_samples(tmp_path):
     online_steps, batch_size, ratio, gamma = 12, 8, 0.25, 0.9
     args = cal.Args(online_steps=online_steps, eval_every=5, batch_size=batch_size, mixing_ratio=ratio, gamma=gamma,
                     checkpoint_every=10**6, log_every=10**6)
-    agent, data, device = make_agent(), dataset(), torch.device("cpu")
+    agent, data, device = make_cql_agent(cal), {**dataset(), "mc_returns": np.full(20, DATA_RETURN)}, torch.device("cpu")
     buffers = {"online": cal.MCReplayBuffer(online_steps, 3, 2, device, 1),
                "offline": cal.MCReplayBuffer(len(data["rewards"]), 3, 2, device, 2)}
     buffers["offline"].load_dataset(data)
@@ -172,114 +113,8 @@ def hopper_file(tmp_path_factory) -> Path:
     return write_hopper_d4rl(tmp_path_factory.mktemp("data") / "hopper_tiny.hdf5", steps=300, limit=30)
 
 
-def direct_reward_scale(path: Path, max_episode_steps: int = 1000) -> float:
-    """max_episode_steps / (max - min episode return) over the episodes of the raw file, as qlearning_dataset keeps
-    them (time-out steps and the file's last step dropped; an episode ends at a terminal or before a time-out)."""
-    with h5py.File(path, "r") as f:
-        r, term, timeout = f["rewards"][()].astype(np.float64), f["terminals"][()], f["timeouts"][()]
-    returns, total, n = [], 0.0, len(r)
-    for i in range(n - 1):
-        if timeout[i]:
-            continue
-        total += r[i]
-        if term[i] or timeout[i + 1] or i + 1 == n - 1:
-            returns.append(total)
-            total = 0.0
-    return max_episode_steps / (max(returns) - min(returns))
-
-
-def assert_rows(got, want, what: str, rtol: float = 0.0, atol: float = 0.0) -> None:
-    """Arrays equal within tolerance, with a one-line message naming what differs and where first."""
-    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
-    assert got.shape == want.shape, f"{what}: shape {got.shape}, want {want.shape}"
-    bad = np.argwhere(~np.isclose(got, want, rtol=rtol, atol=atol))
-    assert not len(bad), (f"{what}: {len(bad)} entries differ, first at {tuple(bad[0])}: "
-                          f"{got[tuple(bad[0])]!r} vs {want[tuple(bad[0])]!r}")
-
-
-def assert_same_state(a, b, where: str) -> None:
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            assert_same_state(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same_state(x, y, f"{where}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=where)
-    else:
-        assert a == b, where
-
-
-def run_to_switch(monkeypatch, args) -> dict:
-    """main with the online phase replaced by a recorder and evaluation by a stub; what the phases received."""
-    seen = {}
-    real_make, real_offline = cal.make_update_fns, cal.train_offline
-
-    def make_update_fns(agent, a, act_dim):
-        seen["fns"] = real_make(agent, a, act_dim)
-        seen["initial"] = copy.deepcopy(agent)
-        return seen["fns"]
-
-    def train_offline(a, agent, buffer, update, optims, ctx, logger, start):
-        seen["offline"] = {"agent": agent, "buffer": buffer, "update": update, "optims": optims}
-        real_offline(a, agent, buffer, update, optims, ctx, logger, start)
-
-    def train_online(a, agent, buffers, update, optims, ctx, logger, resume):
-        seen["online"] = {"agent": agent, "buffers": buffers, "update": update, "optims": optims, "ctx": ctx,
-                          "agent_state": copy.deepcopy(cal.state_of(vars(agent))),
-                          "optims_state": copy.deepcopy(cal.state_of(optims))}
-
-    def evaluate(env, actor, q_fn, n_episodes, seed, limit, family, gamma, horizon, reward_fn):
-        seen["evaluate"] = {"q_fn": q_fn, "seed": seed, "gamma": gamma, "reward_fn": reward_fn}
-        return {"return_mean": 0.0, "return_std": 0.0, "normalized_score": 0.0, "q_normalized_difference": 0.0,
-                "q_kendall_tau": 0.0, "q_scored_steps": 0}
-
-    monkeypatch.setattr(cal, "make_update_fns", make_update_fns)
-    monkeypatch.setattr(cal, "train_offline", train_offline)
-    monkeypatch.setattr(cal, "train_online", train_online)
-    monkeypatch.setattr(cal, "evaluate", evaluate)
-    seen["run_dir"] = cal.main(args)
-    return seen
-
-
-def check_initial_agent(agent, data: dict[str, np.ndarray]) -> None:
-    """What main builds before the first update: log alpha 0, target critics equal to the critics, CORL's offline
-    init (zero critic biases, 1e-2 output layers), dataset observation statistics inside both networks."""
-    assert float(agent.log_alpha.detach()) == 0.0, "log alpha starts at 0 (CORL)"
-    for (name, p), t in zip(agent.critic.named_parameters(), agent.critic_target.parameters()):
-        assert torch.equal(p, t), f"critic_target.{name} must start as a copy of the critics"
-    layers = [*agent.critic.layers, agent.actor.net[-1]]  # the actor's hidden layers keep PyTorch's init
-    assert all((layer.bias == 0).all() for layer in layers), "CORL's offline init: critic and actor output biases 0"
-    assert agent.critic.layers[-1].weight.abs().max() < 0.05 and agent.actor.net[-1].weight.abs().max() < 0.05, \
-        "--init corl-offline: output layers at gain 1e-2"
-    mean, std = data["observations"].mean(0), data["observations"].std(0) + 1e-3
-    for net in (agent.actor, agent.critic):
-        assert_rows(net.obs_mean.numpy(), mean, f"{type(net).__name__} observation mean: the dataset's", rtol=1e-5,
-                    atol=1e-6)
-        assert_rows(net.obs_std.numpy(), std, f"{type(net).__name__} observation std: the dataset's + 1e-3",
-                    rtol=1e-5, atol=1e-6)
-
-
 def tiny_args(tmp: Path, data: Path, **kw):
-    base = dict(env_id="hopper-medium", dataset=str(data), device="cpu", output_dir=str(tmp), batch_size=16,
-                cql_n_actions=2, q_n_hidden_layers=1, offline_steps=3, offline_eval_every=3, online_steps=50,
-                eval_episodes=1, checkpoint_every=1000, log_every=1000, seed=3)
-    base.update(kw)
-    return cal.Args(**base)
-
-
-def check_q_diagnostics(seen: dict) -> None:
-    agent = seen["online"]["agent"]
-    s, a = torch.randn(5, 11), torch.rand(5, 3) * 2 - 1
-    with torch.no_grad():
-        for p in agent.critic_target.parameters():  # a target far from the critics, so that using it shows
-            p.add_(torch.randn_like(p))
-        q = agent.critic(s, a)
-        assert (q[0] - q[1]).abs().min() > 1e-6
-        torch.testing.assert_close(seen["evaluate"]["q_fn"](s, a), q.min(0).values, rtol=0, atol=0,
-                                   msg="Q diagnostics must use min(Q1, Q2) of the online critics (q_diagnostics.md)")
+    return cql_args(cal, tmp, data, **kw)
 
 
 def direct_dataset_returns(path: Path, scale: float, gamma: float) -> np.ndarray:
@@ -301,7 +136,7 @@ def direct_dataset_returns(path: Path, scale: float, gamma: float) -> np.ndarray
 def test_switch_to_online(tmp_path, hopper_file, monkeypatch, calibrate_online):
     args = tiny_args(tmp_path, hopper_file, mixing_ratio=0.25, normalize_reward=True,
                      calibrate_online=calibrate_online)
-    seen = run_to_switch(monkeypatch, args)
+    seen = run_to_switch(cal, monkeypatch, args)
     off, on = seen["offline"], seen["online"]
     data, _ = cal.load_dataset(cal.resolve_task(args.env_id, None, args.dataset), args.dataset)
     n_data = len(data["rewards"])
@@ -351,11 +186,11 @@ def test_switch_to_online(tmp_path, hopper_file, monkeypatch, calibrate_online):
 
 
 def test_switch_from_offline_checkpoint(tmp_path, hopper_file, monkeypatch):
-    first = run_to_switch(monkeypatch, tiny_args(tmp_path / "a", hopper_file))
+    first = run_to_switch(cal, monkeypatch, tiny_args(tmp_path / "a", hopper_file))
     path = first["run_dir"] / "offline.pt"
     saved = torch.load(path, weights_only=False)
     assert float(saved["agent"]["log_alpha"].detach()) != 0.0
-    seen = run_to_switch(monkeypatch, tiny_args(tmp_path / "b", hopper_file, offline_checkpoint=str(path)))
+    seen = run_to_switch(cal, monkeypatch, tiny_args(tmp_path / "b", hopper_file, offline_checkpoint=str(path)))
     assert "offline" not in seen, "--offline-checkpoint skips pretraining"
     on = seen["online"]
     assert_same_state(on["agent_state"], saved["agent"], "agent from offline.pt (temperature included)")

@@ -8,12 +8,10 @@ import copy
 import json
 import math
 
-import gymnasium as gym
-import numpy as np
 import pytest
 import torch
 
-from conftest import load_algo, write_d4rl_file
+from conftest import load_algo, run_killed, write_hopper_d4rl
 
 edac = load_algo("edac")
 so2 = load_algo("so2")
@@ -227,23 +225,7 @@ def test_dataset_defaults_and_presets():
 @pytest.fixture(scope="module")
 def hopper_file(tmp_path_factory):
     """600 steps of random actions in Hopper-v4 in D4RL's layout, episodes cut at 100 steps by time-outs."""
-    env, rng = gym.make("Hopper-v4"), np.random.default_rng(0)
-    obs, _ = env.reset(seed=0)
-    rows = {k: [] for k in ("observations", "actions", "rewards", "terminals", "timeouts")}
-    t = 0
-    for _ in range(600):
-        action = rng.uniform(-1, 1, 3).astype(np.float32)
-        next_obs, reward, terminated, _, _ = env.step(action)
-        t += 1
-        for k, v in zip(rows, (obs, action, reward, terminated, t >= 100 and not terminated)):
-            rows[k].append(v)
-        obs = next_obs
-        if terminated or t >= 100:
-            obs, t = env.reset()[0], 0
-    arrays = {k: np.asarray(v, dtype=bool if k in ("terminals", "timeouts") else np.float32) for k, v in rows.items()}
-    path = tmp_path_factory.mktemp("data") / "hopper_tiny.hdf5"
-    write_d4rl_file(path, arrays)
-    return path
+    return write_hopper_d4rl(tmp_path_factory.mktemp("data") / "hopper_tiny.hdf5", steps=600, limit=100)
 
 
 def edac_args(tmp, data, **kw):
@@ -302,27 +284,10 @@ def test_from_offline_checkpoint(tmp_path, hopper_file):
     assert read_rows(run_dir)[-1]["grad_step"] == 30
 
 
-class Killed(Exception):
-    pass
-
-
 @pytest.mark.parametrize("kill_at", [1, 3])  # 1: in the offline phase; 3: in the online phase
-def test_resume_matches_uninterrupted(tmp_path, hopper_file, full_run, monkeypatch, kill_at):
+def test_resume_matches_uninterrupted(tmp_path, hopper_file, full_run, kill_at):
     full = full_run
-    real, count = edac.save_checkpoint, {"n": 0}
-
-    def save(path, payload):
-        real(path, payload)
-        if path.name == "checkpoint.pt":
-            count["n"] += 1
-            if count["n"] == kill_at:
-                raise Killed
-
-    with monkeypatch.context() as m:
-        m.setattr(edac, "save_checkpoint", save)
-        with pytest.raises(Killed):
-            edac.main(edac_args(tmp_path / "killed", hopper_file))
-    killed = next((tmp_path / "killed").iterdir())
+    killed = run_killed(edac, edac_args(tmp_path / "killed", hopper_file), kill_at)
     phase = torch.load(killed / "checkpoint.pt", weights_only=False)["phase"]
     assert phase == ("offline" if kill_at == 1 else "online")
     resumed = edac.main(edac.Args(resume=str(killed)))

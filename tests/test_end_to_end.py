@@ -8,11 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import gymnasium as gym
-import h5py
 import numpy as np
 import pytest
 import torch
+
+from conftest import run_killed, write_hopper_d4rl
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL_KEYS = ("phase", "env_step", "grad_step", "return_mean", "return_std", "normalized_score",
@@ -33,24 +33,7 @@ so2, sac = load("so2"), load("sac")
 @pytest.fixture(scope="module")
 def hopper_file(tmp_path_factory) -> Path:
     """600 steps of random actions in Hopper-v4, in D4RL's layout, episodes cut at 100 steps by time-outs."""
-    path = tmp_path_factory.mktemp("data") / "hopper_tiny.hdf5"
-    env, rng = gym.make("Hopper-v4"), np.random.default_rng(0)
-    obs, _ = env.reset(seed=0)
-    rows: dict[str, list] = {k: [] for k in ("observations", "actions", "rewards", "terminals", "timeouts")}
-    t = 0
-    for _ in range(600):
-        action = rng.uniform(-1, 1, 3).astype(np.float32)
-        next_obs, reward, terminated, _, _ = env.step(action)
-        t += 1
-        for k, v in zip(rows, (obs, action, reward, terminated, t >= 100 and not terminated)):
-            rows[k].append(v)
-        obs = next_obs
-        if terminated or t >= 100:
-            obs, t = env.reset()[0], 0
-    with h5py.File(path, "w") as f:
-        for k, v in rows.items():
-            f[k] = np.asarray(v, dtype=np.float32 if k not in ("terminals", "timeouts") else bool)
-    return path
+    return write_hopper_d4rl(tmp_path_factory.mktemp("data") / "hopper_tiny.hdf5", steps=600, limit=100)
 
 
 def so2_args(tmp: Path, data: Path, **kw):
@@ -132,24 +115,6 @@ def test_sac_end_to_end(tmp_path):
     np.testing.assert_array_equal(buffer["next_observations"][inside], buffer["observations"][inside + 1])
 
 
-class Killed(Exception):
-    pass
-
-
-def kill_after_saves(module, monkeypatch, n: int) -> None:
-    """Make the n-th write of checkpoint.pt the last thing the run does, as if it were killed right after."""
-    real, count = module.save_checkpoint, {"n": 0}
-
-    def save(path, payload):
-        real(path, payload)
-        if path.name == "checkpoint.pt":
-            count["n"] += 1
-            if count["n"] == n:
-                raise Killed
-
-    monkeypatch.setattr(module, "save_checkpoint", save)
-
-
 def final_params(run_dir: Path) -> dict[str, torch.Tensor]:
     agent = torch.load(run_dir / "checkpoint.pt", weights_only=False)["agent"]
     return {f"{m}.{k}": v for m, sd in agent.items() if isinstance(sd, dict) for k, v in sd.items()}
@@ -161,14 +126,10 @@ def same_rows(a: Path, b: Path) -> None:
 
 
 @pytest.mark.parametrize("kill_at", [1, 3])  # 1: in the offline phase; 3: in the online phase
-def test_so2_resume_matches_uninterrupted(tmp_path, hopper_file, monkeypatch, kill_at):
+def test_so2_resume_matches_uninterrupted(tmp_path, hopper_file, kill_at):
     torch.set_num_threads(1)
     full = so2.main(so2_args(tmp_path / "full", hopper_file))
-    with monkeypatch.context() as m:
-        kill_after_saves(so2, m, kill_at)
-        with pytest.raises(Killed):
-            so2.main(so2_args(tmp_path / "killed", hopper_file))
-    killed = next((tmp_path / "killed").iterdir())
+    killed = run_killed(so2, so2_args(tmp_path / "killed", hopper_file), kill_at)
     assert torch.load(killed / "checkpoint.pt", weights_only=False)["phase"] == ("offline" if kill_at == 1 else "online")
     resumed = so2.main(so2.Args(resume=str(killed)))
     a, b = final_params(full), final_params(resumed)
@@ -178,14 +139,10 @@ def test_so2_resume_matches_uninterrupted(tmp_path, hopper_file, monkeypatch, ki
     same_rows(full, resumed)
 
 
-def test_sac_resume_matches_uninterrupted(tmp_path, monkeypatch):
+def test_sac_resume_matches_uninterrupted(tmp_path):
     torch.set_num_threads(1)
     full = sac.main(sac_args(tmp_path / "full"))
-    with monkeypatch.context() as m:
-        kill_after_saves(sac, m, 3)
-        with pytest.raises(Killed):
-            sac.main(sac_args(tmp_path / "killed"))
-    killed = next((tmp_path / "killed").iterdir())
+    killed = run_killed(sac, sac_args(tmp_path / "killed"), 3)
     resumed = sac.main(sac.Args(resume=str(killed)))
     a, b = final_params(full), final_params(resumed)
     for k in a:

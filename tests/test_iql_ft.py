@@ -9,8 +9,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import load_algo
-from test_end_to_end import check_outputs, final_params, hopper_file, kill_after_saves, Killed, read_rows, same_rows
+from conftest import load_algo, run_killed
+from test_end_to_end import check_outputs, final_params, hopper_file, read_rows, same_rows
 
 iql = load_algo("iql_ft")
 _ = hopper_file  # the module-scoped fixture, imported for the tests below
@@ -283,13 +283,10 @@ def test_critic_rates_of_this_run_win_over_offline_pt(tmp_path, hopper_file):
     assert any(not torch.equal(now["actor"][k], v) for k, v in offline["actor"].items())
 
 
-def test_iql_resume_matches_uninterrupted(tmp_path, hopper_file, monkeypatch):
+def test_iql_resume_matches_uninterrupted(tmp_path, hopper_file):
     full = iql.main(iql_args(tmp_path / "full", hopper_file))
-    with monkeypatch.context() as m:
-        kill_after_saves(iql, m, 3)  # the first is offline (grad step 20), the third online
-        with pytest.raises(Killed):
-            iql.main(iql_args(tmp_path / "killed", hopper_file))
-    killed = next((tmp_path / "killed").iterdir())
+    # the first checkpoint is offline (grad step 20), the third online
+    killed = run_killed(iql, iql_args(tmp_path / "killed", hopper_file), 3)
     assert torch.load(killed / "checkpoint.pt", weights_only=False)["phase"] == "online"
     resumed = iql.main(iql.Args(resume=str(killed)))
     a, b = final_params(full), final_params(resumed)

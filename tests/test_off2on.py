@@ -12,12 +12,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import gymnasium as gym
 import numpy as np
 import pytest
 import torch
 
-from conftest import load_algo, write_hopper_d4rl
+from conftest import load_algo, run_killed, write_hopper_d4rl
+from loop_harness import ScriptedEnv, dataset, run_to_switch
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL_KEYS = ("phase", "env_step", "grad_step", "return_mean", "return_std", "normalized_score",
@@ -28,30 +28,6 @@ CPU = torch.device("cpu")
 
 # episode 0 terminates, episode 1 times out, the rest run past every epoch (the epoch's end cuts them)
 SCRIPT = ((3, "terminated"), (4, "truncated")) + ((100, "none"),) * 5
-
-
-class ScriptedEnv(gym.Env):
-    """Observation [episode, t, 1] (1 marks online rows; the dataset's carry -1), reward 10 * episode + t + 1."""
-
-    observation_space = gym.spaces.Box(-np.inf, np.inf, (3,), np.float64)
-    action_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
-
-    def __init__(self) -> None:
-        self.episode, self.t = 0, 0
-
-    def reset(self, *, seed=None, options=None):
-        super().reset(seed=seed)
-        if self.t:
-            self.episode, self.t = self.episode + 1, 0
-        return np.array([self.episode, self.t, 1.0]), {}
-
-    def step(self, action):
-        length, end = SCRIPT[self.episode]
-        reward = 10.0 * self.episode + self.t + 1
-        self.t += 1
-        done = self.t == length
-        return (np.array([self.episode, self.t, 1.0]), reward, done and end == "terminated",
-                done and end == "truncated", {})
 
 
 def expected_rows(epoch_steps: int, n_steps: int) -> list[dict]:
@@ -70,14 +46,6 @@ def expected_rows(epoch_steps: int, n_steps: int) -> list[dict]:
         if done:
             ep, t = ep + 1, 0
     return rows
-
-
-def dataset(n: int = 20) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    obs = np.stack([np.arange(n), np.zeros(n), -np.ones(n)], axis=1).astype(np.float32)  # [row, 0, -1]
-    return {"observations": obs, "actions": rng.uniform(-1, 1, (n, 2)).astype(np.float32),
-            "rewards": rng.standard_normal((n, 1)).astype(np.float32), "next_observations": obs + [0, 1, 0],
-            "terminated": np.zeros((n, 1), np.float32), "truncated": np.zeros((n, 1), np.float32)}
 
 
 def small_agent(obs_dim: int = 3, act_dim: int = 2, e: int = 2):
@@ -111,7 +79,7 @@ def test_online_epochs_batches_and_priorities(tmp_path, interleave):
                       "rl": rl["observations"].clone(), "rl_rewards": rl["rewards"].clone()})
         return {"loss/x": torch.zeros(())}, rl["rewards"].abs() + 100.0  # distinct priorities per row
 
-    ctx = {"env": ScriptedEnv(), "run_dir": tmp_path, "offline_grad_steps": 40,
+    ctx = {"env": ScriptedEnv(SCRIPT), "run_dir": tmp_path, "offline_grad_steps": 40,
            "evaluate": lambda: evaluations.append(len(calls)) or {
                "return_mean": 0.0, "return_std": 0.0, "normalized_score": 0.0, "q_normalized_difference": 0.0,
                "q_kendall_tau": 0.0}}
@@ -170,7 +138,7 @@ def test_first_rl_batches_follow_the_priorities(tmp_path):
         shares.append(float((rl["observations"][:, 2] == 1).float().mean()))
         return {}, torch.full((50,), 1.0)
 
-    ctx = {"env": ScriptedEnv(), "run_dir": tmp_path, "offline_grad_steps": 0, "evaluate": lambda: {
+    ctx = {"env": ScriptedEnv(SCRIPT), "run_dir": tmp_path, "offline_grad_steps": 0, "evaluate": lambda: {
         "return_mean": 0.0, "return_std": 0.0, "normalized_score": 0.0, "q_normalized_difference": 0.0,
         "q_kendall_tau": 0.0}}
     logger = o2o.Logger(tmp_path)
@@ -210,31 +178,6 @@ def tiny_args(tmp: Path, data: Path, **kw):
     return o2o.Args(**base)
 
 
-def run_to_switch(monkeypatch, args) -> dict:
-    """main with the online phase replaced by a recorder and evaluation by a stub."""
-    seen = {}
-    real_offline = o2o.train_offline
-
-    def train_offline(a, agent, buffer, update, optims, ctx, logger, start):
-        seen["offline"] = {"buffer": buffer, "optims": optims}
-        real_offline(a, agent, buffer, update, optims, ctx, logger, start)
-        seen["offline"]["target"] = [p.clone() for p in agent.critic_target.parameters()]
-
-    def train_online(a, agent, buffers, update, optims, ctx, logger, resume):
-        seen["online"] = {"agent": agent, "buffers": buffers, "optims": optims, "ctx": ctx}
-
-    def evaluate(env, actor, q_fn, n_episodes, seed, limit, family, gamma, horizon, reward_fn):
-        seen["evaluate"] = {"q_fn": q_fn, "actor": actor}
-        return {"return_mean": 0.0, "return_std": 0.0, "normalized_score": 0.0, "q_normalized_difference": 0.0,
-                "q_kendall_tau": 0.0, "q_scored_steps": 0}
-
-    monkeypatch.setattr(o2o, "train_offline", train_offline)
-    monkeypatch.setattr(o2o, "train_online", train_online)
-    monkeypatch.setattr(o2o, "evaluate", evaluate)
-    seen["run_dir"] = o2o.main(args)
-    return seen
-
-
 def check_online_start(seen: dict, args) -> None:
     on = seen["online"]
     agent = on["agent"]
@@ -260,7 +203,7 @@ def check_online_start(seen: dict, args) -> None:
 
 def test_switch_to_online(tmp_path, hopper_file, monkeypatch):
     args = tiny_args(tmp_path, hopper_file)
-    seen = run_to_switch(monkeypatch, args)
+    seen = run_to_switch(o2o, monkeypatch, args)
     check_online_start(seen, args)
     off, on = seen["offline"], seen["online"]
     lrs = {k: [g["lr"] for g in o.param_groups] for k, o in off["optims"].items()}
@@ -276,10 +219,10 @@ def test_switch_to_online(tmp_path, hopper_file, monkeypatch):
 
 
 def test_switch_from_offline_checkpoint(tmp_path, hopper_file, monkeypatch):
-    first = run_to_switch(monkeypatch, tiny_args(tmp_path / "a", hopper_file))
+    first = run_to_switch(o2o, monkeypatch, tiny_args(tmp_path / "a", hopper_file))
     saved = torch.load(first["run_dir"] / "offline.pt", weights_only=False)
     args = tiny_args(tmp_path / "b", hopper_file, offline_checkpoint=str(first["run_dir"] / "offline.pt"), seed=5)
-    seen = run_to_switch(monkeypatch, args)
+    seen = run_to_switch(o2o, monkeypatch, args)
     assert "offline" not in seen, "--offline-checkpoint skips pretraining"
     agent = seen["online"]["agent"]
     for part in ("actor", "critic"):
@@ -338,26 +281,9 @@ def test_from_offline_checkpoint_interleaved(tmp_path, full_run, hopper_file):
     assert [(r["env_step"], r["grad_step"]) for r in rows] == [(0, 0), (50, 75), (100, 125)]
 
 
-class Killed(Exception):
-    pass
-
-
 @pytest.mark.parametrize("kill_at", [1, 3])  # 1: in the offline phase; 3: in the online phase (env step 50)
-def test_resume_matches_uninterrupted(tmp_path, full_run, hopper_file, monkeypatch, kill_at):
-    real, count = o2o.save_checkpoint, {"n": 0}
-
-    def save(path, payload):  # the n-th checkpoint.pt is the last thing the run does
-        real(path, payload)
-        if path.name == "checkpoint.pt":
-            count["n"] += 1
-            if count["n"] == kill_at:
-                raise Killed
-
-    with monkeypatch.context() as m:
-        m.setattr(o2o, "save_checkpoint", save)
-        with pytest.raises(Killed):
-            o2o.main(tiny_args(tmp_path, hopper_file))
-    killed = next(tmp_path.iterdir())
+def test_resume_matches_uninterrupted(tmp_path, full_run, hopper_file, kill_at):
+    killed = run_killed(o2o, tiny_args(tmp_path, hopper_file), kill_at)
     phase = torch.load(killed / "checkpoint.pt", weights_only=False)["phase"]
     assert phase == ("offline" if kill_at == 1 else "online")
     resumed = o2o.main(o2o.Args(resume=str(killed)))

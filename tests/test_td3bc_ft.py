@@ -10,12 +10,11 @@ import copy
 import json
 import math
 
-import gymnasium as gym
 import numpy as np
 import pytest
 import torch
 
-from conftest import load_algo, write_d4rl_file
+from conftest import load_algo, run_killed, write_hopper_d4rl
 
 td3bc = load_algo("td3bc_ft")
 torch.set_num_threads(1)  # tiny networks: one thread is far faster than two on a busy machine
@@ -211,23 +210,7 @@ def test_dataset_defaults():
 @pytest.fixture(scope="module")
 def hopper_file(tmp_path_factory):
     """600 steps of random actions in Hopper-v4 in D4RL's layout, episodes cut at 100 steps by time-outs."""
-    env, rng = gym.make("Hopper-v4"), np.random.default_rng(0)
-    obs, _ = env.reset(seed=0)
-    rows = {k: [] for k in ("observations", "actions", "rewards", "terminals", "timeouts")}
-    t = 0
-    for _ in range(600):
-        action = rng.uniform(-1, 1, 3).astype(np.float32)
-        next_obs, reward, terminated, _, _ = env.step(action)
-        t += 1
-        for k, v in zip(rows, (obs, action, reward, terminated, t >= 100 and not terminated)):
-            rows[k].append(v)
-        obs = next_obs
-        if terminated or t >= 100:
-            obs, t = env.reset()[0], 0
-    arrays = {k: np.asarray(v, dtype=bool if k in ("terminals", "timeouts") else np.float32) for k, v in rows.items()}
-    path = tmp_path_factory.mktemp("data") / "hopper_tiny.hdf5"
-    write_d4rl_file(path, arrays)
-    return path
+    return write_hopper_d4rl(tmp_path_factory.mktemp("data") / "hopper_tiny.hdf5", steps=600, limit=100)
 
 
 def td3_args(tmp, data, **kw):
@@ -381,27 +364,10 @@ def test_buffer_holds_dataset_and_online_data_and_statistics(full_run, hopper_fi
     assert full_run_seen["agents"][-1].actor.expl_noise == 0.1, "online exploration noise must be --expl-noise"
 
 
-class Killed(Exception):
-    pass
-
-
 @pytest.mark.parametrize("kill_at", [1, 2])  # 1: in the offline phase; 2: in the online phase
-def test_resume_matches_uninterrupted(tmp_path, hopper_file, full_run, monkeypatch, kill_at):
+def test_resume_matches_uninterrupted(tmp_path, hopper_file, full_run, kill_at):
     full, _ = full_run
-    real, count = td3bc.save_checkpoint, {"n": 0}
-
-    def save(path, payload):
-        real(path, payload)
-        if path.name == "checkpoint.pt":
-            count["n"] += 1
-            if count["n"] == kill_at:
-                raise Killed
-
-    with monkeypatch.context() as m:
-        m.setattr(td3bc, "save_checkpoint", save)
-        with pytest.raises(Killed):
-            td3bc.main(td3_args(tmp_path / "killed", hopper_file))
-    killed = next((tmp_path / "killed").iterdir())
+    killed = run_killed(td3bc, td3_args(tmp_path / "killed", hopper_file), kill_at)
     phase = torch.load(killed / "checkpoint.pt", weights_only=False)["phase"]
     assert phase == ("offline" if kill_at == 1 else "online")
     resumed = td3bc.main(td3bc.Args(resume=str(killed)))
