@@ -60,7 +60,7 @@ class Args:
     eval_episodes: int = 10
     """deterministic episodes per evaluation"""
     q_diag_extend_steps: int | None = None
-    """steps an evaluation episode runs past its time limit to complete the Q-value tails (default: 459 at gamma 0.99; 0 = off)"""
+    """steps an evaluation episode runs past its time limit to finish the Q-value tails (459 at gamma 0.99; 0 = off)"""
     output_dir: str = "runs"
     """where the run directory <algo>__<env-id>__<seed>__<unix-time> is made"""
     checkpoint_every: int = 10_000
@@ -251,14 +251,16 @@ class ReplayBuffer:
     def sample(self, batch_size: int) -> dict[str, torch.Tensor]:
         idx = torch.randint(self.size, (batch_size,), device=self.device, generator=self.generator)
         rows = self.storage[idx]
-        return {k: rows[:, s].squeeze(-1) if k in ("rewards", "terminated", "truncated") else rows[:, s] for k, s in self.slices.items()}
+        return {k: rows[:, s].squeeze(-1) if k in ("rewards", "terminated", "truncated") else rows[:, s]
+                for k, s in self.slices.items()}
 
     def added(self) -> dict[str, np.ndarray]:
         """The rows added after the dataset that are still held, oldest first, as numpy arrays."""
         m = min(self.n_added, self.capacity)
         idx = (self.start_ptr + torch.arange(self.n_added - m, self.n_added, device=self.device)) % self.capacity
         rows = self.storage[idx].cpu().numpy()
-        return {k: rows[:, s].squeeze(-1) if k in ("rewards", "terminated", "truncated") else rows[:, s] for k, s in self.slices.items()}
+        return {k: rows[:, s].squeeze(-1) if k in ("rewards", "terminated", "truncated") else rows[:, s]
+                for k, s in self.slices.items()}
 
     def state_dict(self) -> dict[str, Any]:
         m = min(self.n_added, self.capacity)

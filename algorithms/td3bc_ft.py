@@ -79,7 +79,7 @@ class Args:
     eval_episodes: int = 10
     """deterministic episodes per evaluation"""
     q_diag_extend_steps: int | None = None
-    """steps an evaluation episode runs past its time limit to complete the Q-value tails (default: 459 at gamma 0.99; 0 = off)"""
+    """steps an evaluation episode runs past its time limit to finish the Q-value tails (459 at gamma 0.99; 0 = off)"""
     output_dir: str = "runs"
     """where the run directory <algo>__<env-id>__<seed>__<unix-time> is made"""
     checkpoint_every: int = 10_000
@@ -355,8 +355,8 @@ def load_dataset(task: Task, dataset: str | None) -> tuple[dict[str, np.ndarray]
     elif task.source == "minari":
         ident = f"D4RL/{task.family}/{task.dataset}-v2" if task.family in ADROIT_FAMILIES else None
         if ident is None:
-            raise RunError(f"Minari has no D4RL {task.env_id} data (its MuJoCo sets are new v5 data): use "
-                           f"--data d4rl, --data rebuilt, or --dataset with a Minari id such as mujoco/hopper/medium-v0")
+            raise RunError(f"Minari has no D4RL {task.env_id} data (its MuJoCo sets are new v5 data): use --data "
+                           f"d4rl, --data rebuilt, or --dataset with a Minari id such as mujoco/hopper/medium-v0")
         data, path = load_minari(ident, download_missing=True)
     else:
         ident = f"o2o-rl/{task.family}/{task.dataset}-v0"
@@ -446,14 +446,16 @@ class ReplayBuffer:
     def sample(self, batch_size: int) -> dict[str, torch.Tensor]:
         idx = torch.randint(self.size, (batch_size,), device=self.device, generator=self.generator)
         rows = self.storage[idx]
-        return {k: rows[:, s].squeeze(-1) if k in ("rewards", "terminated", "truncated") else rows[:, s] for k, s in self.slices.items()}
+        return {k: rows[:, s].squeeze(-1) if k in ("rewards", "terminated", "truncated") else rows[:, s]
+                for k, s in self.slices.items()}
 
     def added(self) -> dict[str, np.ndarray]:
         """The rows added after the dataset that are still held, oldest first, as numpy arrays."""
         m = min(self.n_added, self.capacity)
         idx = (self.start_ptr + torch.arange(self.n_added - m, self.n_added, device=self.device)) % self.capacity
         rows = self.storage[idx].cpu().numpy()
-        return {k: rows[:, s].squeeze(-1) if k in ("rewards", "terminated", "truncated") else rows[:, s] for k, s in self.slices.items()}
+        return {k: rows[:, s].squeeze(-1) if k in ("rewards", "terminated", "truncated") else rows[:, s]
+                for k, s in self.slices.items()}
 
     def state_dict(self) -> dict[str, Any]:
         m = min(self.n_added, self.capacity)
