@@ -664,8 +664,9 @@ def squashed_log_prob_of(actor: PlainTanhGaussianActor, obs: torch.Tensor, actio
 
 def plain_aca_offline_update(actor, critic, target, baselines, log_alpha, args, act_dim: int) -> Callable:
     """[ACA]'s SAC+ML pretraining (sacml_impl.py) in its order: temperature, critic, baseline, actor (lam * SAC loss
-    - log pi(a_data|s)), Polyak; twin critics and twin baselines as separate Sequentials, one Adam each. Each loss draws its own policy sample (temperature at s, critic target at s', baseline target at s', actor
-    at s): the reference draws them itself with `torch.randn_like` at the same points, in the same order and shapes,
+    - log pi(a_data|s)), Polyak; twin critics and twin baselines as separate Sequentials, one Adam each. Each loss
+    draws its own policy sample (temperature at s, critic target at s', baseline target at s', actor at s): the
+    reference draws them itself with `torch.randn_like` at the same points, in the same order and shapes,
     so the generator gives it the file's numbers. Log-probabilities are torch distributions."""
     actor_optim = torch.optim.Adam(actor.parameters(), lr=args.actor_lr)
     critic_optims = [torch.optim.Adam(q.parameters(), lr=args.critic_lr) for q in critic.qs]

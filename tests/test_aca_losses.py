@@ -394,7 +394,8 @@ def test_soft_clip_against_direct(beta, w):
 @pytest.mark.parametrize("interpolation,n", [((1.0, 10.0, 0.0), 10_000), ((1.0, 40.0, 0.5), 20_000),
                                              ((1.0, 100.0, 1.0), 50), ((2.0, 0.003, 0.1), 5)])
 def test_annealing_against_direct(interpolation, n):
-    """aca.md section 6: random reaches 0 after 10k updates, medium and medium-replay 0.5 after 20k, (1, 100, 1) stays."""
+    """aca.md section 6: random reaches 0 after 10k updates, medium and medium-replay 0.5 after 20k, (1, 100, 1)
+    stays."""
     w = torch.tensor(float(interpolation[0]), dtype=torch.float64)
     direct = interpolation[0]
     for _ in range(n):

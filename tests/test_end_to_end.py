@@ -130,7 +130,8 @@ def test_so2_resume_matches_uninterrupted(tmp_path, hopper_file, kill_at):
     torch.set_num_threads(1)
     full = so2.main(so2_args(tmp_path / "full", hopper_file))
     killed = run_killed(so2, so2_args(tmp_path / "killed", hopper_file), kill_at)
-    assert torch.load(killed / "checkpoint.pt", weights_only=False)["phase"] == ("offline" if kill_at == 1 else "online")
+    phase = torch.load(killed / "checkpoint.pt", weights_only=False)["phase"]
+    assert phase == ("offline" if kill_at == 1 else "online")
     resumed = so2.main(so2.Args(resume=str(killed)))
     a, b = final_params(full), final_params(resumed)
     assert a.keys() == b.keys()

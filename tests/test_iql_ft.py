@@ -51,7 +51,8 @@ def test_expectile_loss_matches_direct():
     for tau in (0.5, 0.7, 0.9):
         direct = np.mean([(tau if x > 0 else 1 - tau) * x * x for x in u.tolist()])
         assert iql.expectile_loss(u, tau).item() == pytest.approx(direct, rel=1e-12)
-    # its minimiser over a constant V is the tau-expectile e, with tau sum_{q > e} (q - e) = (1 - tau) sum_{q < e} (e - q):
+    # its minimiser over a constant V is the tau-expectile e:
+    # tau sum_{q > e} (q - e) = (1 - tau) sum_{q < e} (e - q)
     # for q = (0, 0, 0, 10) and tau 0.9, 0.9 (10 - e) = 0.1 * 3 e, e = 7.5 (the mean is 2.5)
     q = torch.tensor([0.0, 0.0, 0.0, 10.0], dtype=torch.float64)
     v = torch.tensor(7.5, dtype=torch.float64, requires_grad=True)

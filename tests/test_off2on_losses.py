@@ -399,7 +399,8 @@ def test_initialisation():
     net = o2o.DensityRatio(OBS, ACT, HID)
     w = net(torch.randn(9, OBS), torch.rand(9, ACT))
     assert w.shape == (9,) and torch.allclose(w, torch.ones(9), atol=0.05), "w starts near 1 (output bias 1)"
-    assert float(agent.weight_net(torch.randn(50, OBS) * 10, torch.rand(50, ACT)).detach().min()) >= 0, "w = ReLU(f) >= 0"
+    w = agent.weight_net(torch.randn(50, OBS) * 10, torch.rand(50, ACT)).detach()
+    assert float(w.min()) >= 0, "w = ReLU(f) >= 0"
 
 
 # ---------------------------------------------------------------- documented defaults
