@@ -94,7 +94,7 @@ class Args:
     eval_episodes: int = 10
     """deterministic episodes per evaluation"""
     q_diag_extend_steps: int | None = None
-    """steps an evaluation episode runs past its time limit to finish the Q-value tails (459 at gamma 0.99; 0 = off)"""
+    """steps an evaluation episode runs past its time limit for the Q-value tails (unset: 459 at gamma 0.99; 0 = off)"""
     output_dir: str = "runs"
     """where the run directory <algo>__<env-id>__<seed>__<unix-time> is made"""
     checkpoint_every: int = 10_000

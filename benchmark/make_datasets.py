@@ -50,6 +50,7 @@ Usage:
     python benchmark/make_datasets.py --all --sac-run RUN_HALFCHEETAH RUN_HOPPER RUN_WALKER2D
     python benchmark/make_datasets.py --env-id door-human --steps 500     # a quick look
     python benchmark/make_datasets.py --report                            # only rewrite results/datasets.md
+    python benchmark/make_datasets.py --check hopper-medium hopper-medium-replay   # built? if not, how
 
 A dataset is built with whatever it needs first (medium-expert builds medium and expert). A dataset that is already
 built with the same settings (steps, seed) is skipped; one built with other settings is an error unless `--force`
@@ -80,7 +81,7 @@ import subprocess
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -167,6 +168,9 @@ class Args:
     """the report (relative to the repository root); empty = none"""
     force: bool = False
     """rebuild the requested dataset even if it is already built (its prerequisites are kept)"""
+    check: tuple[str, ...] = ()
+    """build nothing: say which of these datasets are not ready (missing, or scaled down with --steps) and how to
+    build each; exit status 1 if any is not (benchmark/run_all.py asks before a grid on rebuilt data)"""
 
 
 # ---- paths, checksums, inputs
@@ -837,8 +841,39 @@ def targets(args: Args) -> list[str]:
     raise BuildError(f"unknown --env-id {name!r}; buildable: {', '.join(BUILDABLE)}")
 
 
+def not_ready(args: Args, name: str) -> str | None:
+    """None if `name` is built at full size in the Minari root, else what is wrong and the command that builds it."""
+    try:
+        targets(replace(args, env_id=name, all=False))
+    except BuildError as e:
+        return str(e)
+    command = f"python benchmark/make_datasets.py --env-id {name}"
+    record = built_record(name)
+    if record is not None:
+        steps = record.get("settings", {}).get("steps")
+        return None if steps is None else f"{name} is a scaled-down build (--steps {steps}): {command} --force"
+    final = minari_root() / dataset_id(name)
+    if final.exists():
+        return f"{final} was not made by this script (no build.json): move it away, then {command}"
+    family, kind = name.split("-", 1)
+    if kind != "medium-replay" or find_run(args, family) is not None:
+        return f"{name} is not built: {command}"
+    # medium-replay is the replay buffer of the very run the medium policy came from, which a clone does not hold
+    policy = repo_path(args.policies_dir) / f"{family}_medium_actor.npz"
+    run = json.loads(str(load_npz(policy, ("meta",), "the medium policy")["meta"]))["run"] if policy.is_file() else None
+    return (f"{name} is not built. It is the replay buffer of the SAC run that made the {family} medium policy"
+            + (f" ({run}, named in {policy})" if run else "") + f": {command} --sac-run RUN_DIR. Without that run, "
+            f"train one (python algorithms/sac.py --env-id {family}-medium --data rebuilt --save-policy-every 5000 "
+            f"--eval-every 5000 --save-buffer), move {policy} away, build {family}-medium again from it (--force "
+            f"--sac-run RUN_DIR), then {name} (README.md, Data)")
+
+
 def main(args: Args) -> None:
     torch.set_num_threads(1)
+    if args.check:
+        problems = [p for name in args.check if (p := not_ready(args, name))]
+        print("\n".join(problems) if problems else f"ready in {minari_root()}: {', '.join(args.check)}")
+        sys.exit(1 if problems else 0)
     if not (args.env_id or args.all or args.report):
         raise BuildError("say what to build: --env-id NAME, --all, or --report")
     if args.steps is not None and args.steps < 1:

@@ -242,11 +242,12 @@ class Report:
     def online_cell(self, method: str, task: str) -> str:
         runs = self.complete(method, task)
         if not runs:
-            return "missing"
+            return self.cell(method, task)  # missing, with the partial runs counted
+        n = f" ({len(runs)}/{len(self.seeds)} seeds)" if len(runs) < len(self.seeds) else ""
         area = fmt([np.mean([r["normalized_score"] for r in run.online if r["env_step"] > 0]) for run in runs])
         if method == "sac" or any(r.offline_score is None for r in runs):
-            return area
-        return f"{area}; {sum(r.final_score > r.offline_score for r in runs)}/{len(runs)} above start"
+            return f"{area}{n}"
+        return f"{area}; {sum(r.final_score > r.offline_score for r in runs)}/{len(runs)} above start{n}"
 
     def online_table(self) -> list[str]:
         lines = ["| dataset | " + " | ".join(METHOD_NAMES.get(m, m) for m in self.methods) + " |",

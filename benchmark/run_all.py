@@ -18,6 +18,11 @@ Where things go: `<runs-dir>/<preset>/<kind>/<algo>/<task or env>/seed<k>/` hold
 again, with the file's own `--resume` when its run directory has a checkpoint, so a killed run continues where its
 last checkpoint left it and a failed one is retried. `benchmark/report.py` reads only the run directories.
 
+Data. `smoke` builds its tiny dataset in its own Minari root; `cpu` runs on datasets rebuilt on this machine by
+benchmark/make_datasets.py, and the runner asks it first (`--check`): if one is missing, scaled down or cannot be
+rebuilt, it stops before starting anything and prints what to build and how; `paper` leaves each file to download
+its D4RL (MuJoCo) or Minari (Adroit) data.
+
 Locally at most `--jobs` runs go at once, one torch thread each; a progress line says how many are done, running,
 failed and pending, and about how long is left; a lock keeps a second runner off the same preset folder. `--slurm`
 submits one `sbatch --array` each for pretraining, SAC and fine-tuning (`%` limits each to `--jobs` at once); the
@@ -481,15 +486,15 @@ def build_data(preset: Preset, preset_dir: Path, tasks: tuple[str, ...]) -> dict
     return {"MINARI_DATASETS_PATH": str(root)}
 
 
-def missing_data(preset: Preset, tasks: tuple[str, ...]) -> list[str]:
-    """The rebuilt datasets a preset needs that the local Minari root lacks (make_datasets.py moves a finished
-    dataset into place together with its build.json, so a half-built one does not count)."""
+def data_problems(preset: Preset, tasks: tuple[str, ...]) -> str:
+    """What keeps the preset's rebuilt datasets from being used, in make_datasets.py's words (missing, scaled down,
+    not rebuildable, unknown task; each with the command that builds it); empty when all are ready or the preset
+    reads D4RL / Minari data or builds its own."""
     if preset.data != "rebuilt" or preset.build_data:
-        return []
-    root = Path(os.environ.get("MINARI_DATASETS_PATH") or Path("~/.minari/datasets").expanduser())
-    # make_datasets.dataset_id, kept here so the runner does not import torch to start
-    ids = {task: "o2o-rl/{}/{}-v0".format(*task.split("-", 1)) for task in tasks}
-    return [task for task, ds in ids.items() if not (root / ds / "build.json").is_file()]
+        return ""
+    out = subprocess.run([sys.executable, str(ROOT / "benchmark" / "make_datasets.py"), "--check", *tasks],
+                         cwd=ROOT, capture_output=True, text=True)
+    return "" if out.returncode == 0 else (out.stdout + out.stderr).strip()
 
 
 def write_preset(preset_dir: Path, preset: Preset, algos: list[str], tasks: tuple[str, ...],
@@ -530,6 +535,8 @@ def main(argv: list[str] | None = None) -> int:
         job = Job(**manifest["jobs"][int(args.run_one[1])])
         return run_one(job, Path(manifest["preset_dir"]))
     preset = PRESETS[args.preset]
+    if os.environ.get("MINARI_DATASETS_PATH"):  # the runs start in the repository root, not here
+        os.environ["MINARI_DATASETS_PATH"] = str(Path(os.environ["MINARI_DATASETS_PATH"]).expanduser().resolve())
     known = available_algos()
     algos = args.algos or known
     unknown = [a for a in algos if a not in known]
@@ -553,12 +560,10 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"error: another benchmark/run_all.py is running the grid in {preset_dir}; wait for it "
                              f"or stop it (its runs resume on the next start)") from None
     os.environ.update(build_data(preset, preset_dir, tasks))
-    missing = missing_data(preset, tasks)
-    if missing:
-        raise SystemExit(f"error: the {preset.name} preset runs on datasets rebuilt on this machine, and "
-                         f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not built yet. Build them "
-                         f"first (each command also builds what it needs; see README.md, Data):\n"
-                         + "\n".join(f"    python benchmark/make_datasets.py --env-id {t}" for t in missing))
+    problems = data_problems(preset, tasks)
+    if problems:
+        raise SystemExit(f"error: the {preset.name} preset runs on datasets rebuilt on this machine (README.md, "
+                         f"Data), and they are not ready; nothing was started:\n{problems}")
     write_preset(preset_dir, preset, algos, tasks, seeds)
     print(f"[run_all] preset {preset.name}: {len(jobs)} runs ({', '.join(algos)} x {len(tasks)} tasks x {len(seeds)} "
           f"seeds) in {preset_dir}; reduced: {preset.reduces}", flush=True)

@@ -103,8 +103,9 @@ def run_killed(module, args, n: int) -> Path:
         m.setattr(module, "save_checkpoint", save)
         with pytest.raises(Killed):
             module.main(args)
-    (run_dir,) = set(out.iterdir()) - before
-    return run_dir
+    new = set(out.iterdir()) - before
+    assert len(new) == 1, f"the killed run should have made one run directory in {out}, made {sorted(new)}"
+    return new.pop()
 
 
 # ---- network guard

@@ -32,7 +32,8 @@ def test_online_loop_stores_episodes_and_samples(tmp_path):
     args = cal.Args(online_steps=online_steps, eval_every=5, batch_size=batch_size, mixing_ratio=ratio, gamma=gamma,
                     checkpoint_every=10**6, log_every=10**6)
     agent, device = make_cql_agent(cal), torch.device("cpu")
-    data = {**dataset(), "mc_returns": np.full(20, DATA_RETURN)}
+    data = dataset()
+    data["mc_returns"] = np.full(len(data["rewards"]), DATA_RETURN)
     buffers = {"online": cal.MCReplayBuffer(online_steps, 3, 2, device, 1),
                "offline": cal.MCReplayBuffer(len(data["rewards"]), 3, 2, device, 2)}
     buffers["offline"].load_dataset(data)

@@ -96,6 +96,7 @@ def test_partial_and_missing_runs_are_never_numbers(grid, tmp_path):
             run.rmdir()
     r = make(grid, tmp_path)
     assert r.cell("edac", "hopper-medium") == "missing (1 partial)"
+    assert r.online_cell("edac", "hopper-medium") == "missing (1 partial)"
 
 
 def test_online_phase_area_and_seeds_above_start(grid, tmp_path):
@@ -109,7 +110,8 @@ def test_online_phase_area_and_seeds_above_start(grid, tmp_path):
         start, end = offline("so2", "hopper-medium", s), final("so2", "hopper-medium", s)
         areas.append(np.mean([(start + end) / 2, -5.0 if s == 1 else end]))  # evaluations at 50 and 100, not at 0
     assert r.online_cell("so2", "hopper-medium") == f"{np.mean(areas):.1f} +- {np.std(areas):.1f}; 2/3 above start"
-    assert r.online_cell("edac", "hopper-medium").endswith("; 2/2 above start")
+    assert r.online_cell("edac", "hopper-medium").endswith("; 2/2 above start (2/3 seeds)")
+    assert r.online_cell("edac", "halfcheetah-random").endswith("; 3/3 above start")
     sac = [np.mean([(offline("sac", "hopper-medium", s) + final("sac", "hopper-medium", s)) / 2,
                     final("sac", "hopper-medium", s)]) for s in SEEDS]
     assert r.online_cell("sac", "hopper-medium") == f"{np.mean(sac):.1f} +- {np.std(sac):.1f}"

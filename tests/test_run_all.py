@@ -77,7 +77,7 @@ def fakes(tmp_path):
 @pytest.fixture
 def no_data_build(monkeypatch):
     monkeypatch.setitem(run_all.PRESETS, "smoke", dataclasses.replace(run_all.PRESETS["smoke"], build_data=()))
-    monkeypatch.setattr(run_all, "missing_data", lambda preset, tasks: [])  # the fakes read no data
+    monkeypatch.setattr(run_all, "data_problems", lambda preset, tasks: "")  # the fakes read no data
 
 
 def test_paper_preset_leaves_each_task_to_its_data_source_and_cpu_uses_the_rebuilt_data():
@@ -87,24 +87,48 @@ def test_paper_preset_leaves_each_task_to_its_data_source_and_cpu_uses_the_rebui
     assert all(job.flags[job.flags.index("--data") + 1] == "rebuilt" for job in cpu)
 
 
-def test_missing_rebuilt_datasets_stop_the_runner_with_the_commands_that_build_them(tmp_path, monkeypatch):
+def built(root: Path, dataset: str, steps: int | None = None) -> None:
+    """A dataset folder as make_datasets.py leaves it (only build.json matters to the check)."""
+    folder = root / dataset
+    folder.mkdir(parents=True)
+    (folder / "build.json").write_text(json.dumps({"settings": {"steps": steps, "seed": 0}}))
+
+
+def test_rebuilt_datasets_not_ready_stop_the_runner_with_what_to_do(tmp_path, monkeypatch):
     root = tmp_path / "minari"
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
-    built = root / "o2o-rl/hopper/medium-v0"
-    built.mkdir(parents=True)
-    (built / "build.json").write_text("{}")
-    (root / "o2o-rl/halfcheetah/random-v0/data").mkdir(parents=True)  # a build killed before its build.json
-    argv = ["--preset", "cpu", "--runs-dir", str(tmp_path / "runs"), "--tasks", "hopper-medium", "halfcheetah-random",
-            "hopper-medium-replay"]
+    built(root, "o2o-rl/hopper/medium-v0")
+    built(root, "o2o-rl/walker2d/random-v0", steps=500)  # a quick look, not the preset's data
+    (root / "o2o-rl/halfcheetah/random-v0/data").mkdir(parents=True)  # a folder make_datasets.py did not make
+    tasks = ["hopper-medium", "walker2d-random", "halfcheetah-random", "hopper-medium-replay", "pen-human", "hopper"]
     with pytest.raises(SystemExit) as stop:
-        run_all.main(argv)
+        run_all.main(["--preset", "cpu", "--runs-dir", str(tmp_path / "runs"), "--tasks", *tasks])
     message = str(stop.value)
-    assert "halfcheetah-random, hopper-medium-replay are not built yet" in message
-    assert "python benchmark/make_datasets.py --env-id hopper-medium-replay" in message
-    assert "--env-id hopper-medium\n" not in message + "\n"
+    assert message.startswith("error: the cpu preset runs on datasets rebuilt on this machine")
+    lines = message.splitlines()[1:]
+    assert len(lines) == 5 and not any(line.startswith("hopper-medium ") for line in lines)  # hopper-medium is ready
+    assert "walker2d-random is a scaled-down build (--steps 500): python benchmark/make_datasets.py --env-id " \
+        "walker2d-random --force" in lines
+    assert any("halfcheetah/random-v0 was not made by this script" in line for line in lines)
+    assert any(line.startswith("hopper-medium-replay is not built. It is the replay buffer of the SAC run")
+               and "--sac-run RUN_DIR" in line for line in lines)
+    assert any("pen-human cannot be rebuilt here" in line for line in lines)
+    assert any("unknown --env-id 'hopper'" in line for line in lines)
     assert not list((tmp_path / "runs").rglob("log.txt")), "no run may start"
-    assert run_all.missing_data(run_all.PRESETS["cpu"], ("hopper-medium",)) == []
-    assert run_all.missing_data(run_all.PRESETS["paper"], ("hopper-medium-replay",)) == []  # D4RL: downloaded
+
+    for dataset in ("walker2d/random-v0", "halfcheetah/random-v0"):
+        shutil.rmtree(root / "o2o-rl" / dataset)
+        built(root, f"o2o-rl/{dataset}")
+    assert run_all.data_problems(run_all.PRESETS["cpu"], ("hopper-medium", "walker2d-random", "halfcheetah-random")) \
+        == ""
+    assert run_all.data_problems(run_all.PRESETS["paper"], ("hopper-medium-replay",)) == ""  # D4RL: downloaded
+
+
+def test_a_relative_minari_root_reaches_the_runs_as_an_absolute_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the runs themselves start in the repository root
+    monkeypatch.setenv("MINARI_DATASETS_PATH", "data/minari")
+    assert run_all.main(["--preset", "cpu", "--runs-dir", str(tmp_path / "runs"), "--list"]) == 0
+    assert os.environ["MINARI_DATASETS_PATH"] == str(tmp_path.resolve() / "data" / "minari")
 
 
 def test_failure_tail_keeps_both_ends_of_a_long_line(tmp_path):
@@ -112,6 +136,7 @@ def test_failure_tail_keeps_both_ends_of_a_long_line(tmp_path):
     log.write_text("start\nerror: the cause " + "x" * 2000 + " Build it with: the advice\n")
     tail = run_all.tail(log)
     assert "    start" in tail and "error: the cause" in tail and tail.endswith("Build it with: the advice")
+    assert "[...]" in tail and max(len(line) for line in tail.splitlines()) < 620
 
 
 def grid(fakes, tmp_path, *extra):
