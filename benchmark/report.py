@@ -410,15 +410,17 @@ class Report:
     PER_RUN = ("env_id", "seed", "output_dir", "offline_checkpoint", "resume", "device", "threads", "dataset")
 
     def mixed_settings(self) -> list[str]:
-        """Methods whose chosen runs were started with different settings (say, runs of an older preset), which a
-        mean over seeds would silently mix."""
+        """(method, dataset) cells whose runs were started with different settings (say, runs of an older preset),
+        which a mean over seeds would silently mix. Settings may differ between datasets: the files' per-dataset
+        defaults set them (CQL's reward normalisation, ACA's online buffer)."""
         lines = []
         for method in self.methods:
-            runs = [r for (m, task, _), r in self.chosen.items() if m == method and task in self.tasks]
-            keys = sorted({k for r in runs for k in r.args if k not in self.PER_RUN})
-            differ = [k for k in keys if len({json.dumps(r.args.get(k)) for r in runs}) > 1]
-            if differ:
-                lines.append(f"{method}: its runs differ in {', '.join(differ)} (see their config.json)")
+            for task in self.tasks:
+                runs = [r for (m, t, _), r in self.chosen.items() if m == method and t == task]
+                keys = sorted({k for r in runs for k in r.args if k not in self.PER_RUN})
+                differ = [k for k in keys if len({json.dumps(r.args.get(k)) for r in runs}) > 1]
+                if differ:
+                    lines.append(f"{method} on {task}: its runs differ in {', '.join(differ)} (see their config.json)")
         return lines
 
     # ---- sources

@@ -159,11 +159,18 @@ def test_runs_started_with_other_settings_are_flagged(grid, tmp_path, capsys):
     saved["args"]["hidden_dim"] = 256  # say, a run left from an older preset; the others never set it
     config.write_text(json.dumps(saved))
     r = make(grid, tmp_path)
-    assert r.mixed == ["so2: its runs differ in hidden_dim (see their config.json)"]
-    assert "warning: so2: its runs differ in hidden_dim" in capsys.readouterr().out
+    assert r.mixed == ["so2 on hopper-medium: its runs differ in hidden_dim (see their config.json)"]
+    assert "warning: so2 on hopper-medium: its runs differ in hidden_dim" in capsys.readouterr().out
     text = r.write("test").read_text()
-    assert "**Warning: runs with different settings are averaged together.** so2: its runs differ in hidden_dim" in text
+    assert "**Warning: runs with different settings are averaged together.** so2 on hopper-medium: its runs " \
+        "differ in hidden_dim" in text
     assert not list(r.out.glob("*.tmp"))
+    # a setting that differs between datasets only (a file's per-dataset default) is not a mix
+    for run in (grid / "finetune/edac/halfcheetah-random").rglob("config.json"):
+        saved = json.loads(run.read_text())
+        saved["args"]["normalize_reward"] = True
+        run.write_text(json.dumps(saved))
+    assert not [line for line in make(grid, tmp_path).mixed if line.startswith("edac")]
 
 
 def test_copy_logs_carries_text_outputs_not_checkpoints(grid, tmp_path):
