@@ -219,3 +219,16 @@ def test_offline_curves_come_from_the_pretraining_run_even_when_the_grid_moved(g
     assert (r.out / "offline_online_hopper-medium.png").stat().st_size > 1000
     report.copy_logs(grid, so2, tmp_path / "copy")
     assert (tmp_path / "copy" / pre.relative_to(grid) / "eval.jsonl").read_text() == (pre / "eval.jsonl").read_text()
+
+
+def test_copied_logs_are_not_ignored_by_git():
+    """`--copy-logs` writes results/<preset>/runs/; a .gitignore pattern that catches it would leave the committed
+    report without the logs its numbers came from."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None or subprocess.run(["git", "rev-parse"], cwd=ROOT, capture_output=True).returncode:
+        pytest.skip("not a git checkout")
+    for path in ("results/cpu/runs/finetune/so2/hopper-medium/seed0/log.txt", "results/x/runs/preset.json"):
+        ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT).returncode == 0
+        assert not ignored, f"{path} is ignored by git: check .gitignore"
