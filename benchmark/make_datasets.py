@@ -169,8 +169,8 @@ class Args:
     force: bool = False
     """rebuild the requested dataset even if it is already built (its prerequisites are kept)"""
     check: tuple[str, ...] = ()
-    """build nothing: say which of these datasets are not ready (missing, or scaled down with --steps) and how to
-    build each; exit status 1 if any is not (benchmark/run_all.py asks before a grid on rebuilt data)"""
+    """build nothing: say which of these datasets are not ready (missing, scaled down with --steps, not made by this
+    script, not rebuildable) and how to build each; exit status 1 if any (benchmark/run_all.py asks first)"""
 
 
 # ---- paths, checksums, inputs
