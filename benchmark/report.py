@@ -108,6 +108,11 @@ class Run:
     def final_score(self) -> float:
         return self.online[-1]["normalized_score"]
 
+    @property
+    def online_mean(self) -> float:
+        """Mean score over the online evaluations after the first online step: a discrete area under the curve."""
+        return float(np.mean([r["normalized_score"] for r in self.online if r["env_step"] > 0]))
+
 
 def read_runs(runs_dir: Path) -> list[Run]:
     runs = []
@@ -244,7 +249,7 @@ class Report:
         if not runs:
             return self.cell(method, task)  # missing, with the partial runs counted
         n = f" ({len(runs)}/{len(self.seeds)} seeds)" if len(runs) < len(self.seeds) else ""
-        area = fmt([np.mean([r["normalized_score"] for r in run.online if r["env_step"] > 0]) for run in runs])
+        area = fmt([run.online_mean for run in runs])
         if method == "sac" or any(r.offline_score is None for r in runs):
             return f"{area}{n}"
         return f"{area}; {sum(r.final_score > r.offline_score for r in runs)}/{len(runs)} above start{n}"
@@ -254,6 +259,23 @@ class Report:
                  "|---|" + "---|" * len(self.methods)]
         for task in self.tasks:
             lines.append(f"| {task} | " + " | ".join(self.online_cell(m, task) for m in self.methods) + " |")
+        return lines
+
+    def seed_table(self) -> list[str]:
+        lines = ["| dataset | method | " + " | ".join(f"seed {s}" for s in self.seeds) + " |",
+                 "|---|---|" + "---|" * len(self.seeds)]
+        for task in self.tasks:
+            for m in self.methods:
+                cells = []
+                for s in self.seeds:
+                    run = self.chosen.get((m, task, s))
+                    if run is None or not run.complete:
+                        cells.append("missing" if run is None else "partial")
+                    elif run.offline_score is None or m == "sac":
+                        cells.append(f"{run.final_score:.1f} ({run.online_mean:.1f})")
+                    else:
+                        cells.append(f"{run.offline_score:.1f} -> {run.final_score:.1f} ({run.online_mean:.1f})")
+                lines.append(f"| {task} | {METHOD_NAMES.get(m, m)} | " + " | ".join(cells) + " |")
         return lines
 
     def published(self) -> list[str]:
@@ -454,6 +476,9 @@ class Report:
                 "curve: higher = good sooner, less sensitive to one noisy last evaluation than the table above), "
                 "mean +- std over the complete seeds; then how many of those seeds ended above their offline score.",
                 "", *self.online_table(), "",
+                "## Per seed", "",
+                "Each seed's offline score -> score after the online budget, and in brackets its mean over the online "
+                "evaluations; `partial` = the run has not finished its online budget.", "", *self.seed_table(), "",
                 "## Beside the SO2 paper's Table 1", "",
                 "The paper's numbers are D4RL v2 data with the full budgets (100k online steps, 4 seeds); ours carry "
                 "the reductions above, so only directions compare.", "", *self.published(), "",

@@ -1,7 +1,7 @@
 """benchmark/report.py on hand-made run directories whose numbers are known: means and stds per cell, a missing and
 a partial run shown as missing, averages only over complete methods, the online phase's area and seeds above start,
-rliable's IQM as rliable computes it, the Q difference relative to SAC, the figures, the sources, and a hand-written
-reading kept across rewrites."""
+each seed's own cell, rliable's IQM as rliable computes it, the Q difference relative to SAC, the figures, the
+sources, and a hand-written reading kept across rewrites."""
 
 from __future__ import annotations
 
@@ -117,6 +117,21 @@ def test_online_phase_area_and_seeds_above_start(grid, tmp_path):
     assert r.online_cell("sac", "hopper-medium") == f"{np.mean(sac):.1f} +- {np.std(sac):.1f}"
     assert r.online_cell("sac", "halfcheetah-random") == "missing"
     assert "| hopper-medium | " + r.online_cell("so2", "hopper-medium") in "\n".join(r.online_table())
+
+
+def test_per_seed_cells_are_that_seeds_run(grid, tmp_path):
+    r = make(grid, tmp_path)
+    rows = {tuple(ln.split(" | ")[:2]): ln.split(" | ")[2:] for ln in r.seed_table()[2:]}
+    assert r.seed_table()[0] == "| dataset | method | seed 0 | seed 1 | seed 2 |"
+    for s in SEEDS:
+        start, end = offline("so2", "hopper-medium", s), final("so2", "hopper-medium", s)
+        mean = np.mean([(start + end) / 2, end])  # evaluations at 50 and 100 steps
+        assert rows[("| hopper-medium", "SO2")][s].rstrip(" |") == f"{start:.1f} -> {end:.1f} ({mean:.1f})"
+    assert rows[("| hopper-medium", "EDAC")][2].rstrip(" |") == "partial"
+    assert [c.rstrip(" |") for c in rows[("| halfcheetah-random", "SAC (scratch)")]] == ["missing"] * 3
+    start, end = offline("sac", "hopper-medium", 1), final("sac", "hopper-medium", 1)
+    sac = rows[("| hopper-medium", "SAC (scratch)")][1].rstrip(" |")
+    assert sac == f"{end:.1f} ({np.mean([(start + end) / 2, end]):.1f})"  # no offline start
 
 
 def test_rliable_iqm_is_rliables_own(grid, tmp_path):
