@@ -166,6 +166,20 @@ def test_q_difference_relative_to_sac_and_files(grid, tmp_path):
     assert path.read_text().endswith("## Reading\n\nSO2 wins here, by construction.\n")
 
 
+def test_q_over_the_online_phase_is_a_median_per_run(grid, tmp_path):
+    """One evaluation whose episodes all fall early has a tiny true Q and a huge normalised difference; the median
+    over a run's online evaluations must not be dragged by it, nor count the evaluation before any online step."""
+    run = next((grid / "finetune/so2/hopper-medium/seed0").glob("so2__*")) / "eval.jsonl"
+    rows = [json.loads(ln) for ln in run.read_text().splitlines() if json.loads(ln)["phase"] == "offline"]
+    for step, diff, tau in ((0, 100.0, 0.9), (25, 1.0, 0.1), (50, 2.0, 0.2), (100, 30.0, 0.6)):
+        rows.append({"phase": "online", "env_step": step, "grad_step": 10 + step, "normalized_score": 1.0,
+                     "q_normalized_difference": diff, "q_kendall_tau": tau})
+    run.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    row = next(ln for ln in make(grid, tmp_path).q_table() if ln.startswith("| hopper-medium | SO2 |"))
+    diff, tau = np.mean([2.0, 1.0, 1.1]), np.mean([0.2, 0.3, 0.4])  # seeds 1 and 2 are constant: 0.9 + 0.1 s
+    assert row.endswith(f"| {diff:.3f}, {tau:.3f} |")
+
+
 def test_runs_started_with_other_settings_are_flagged(grid, tmp_path, capsys):
     r = make(grid, tmp_path)
     assert r.mixed == []
